@@ -1,0 +1,203 @@
+"""The config's search space as an Optuna define-by-run function.
+
+Define-by-run lets a trial's parameters depend on what was sampled before:
+the EfficientNet coefficients exist only when the backbone is ``efficientnet``
+(``resolution`` only for the EfficientNet family), ``freeze_depth`` is capped
+at the sampled backbone's stage count, and under a compound-scaling
+constraint ``gamma`` is drawn only from the values that keep
+alpha * beta**2 * gamma**2 within the tolerance of 2.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optuna
+
+from search.config import Distribution, ExperimentConfig
+from trainables.backbones import is_efficientnet, stage_count
+from trainables.finetune import EFFICIENTNET_KEYS
+
+__all__ = [
+    "FREEZE_FRACTION",
+    "column_types",
+    "grid_points",
+    "make_define_by_run",
+    "make_sampler",
+    "sample_configs",
+]
+
+# Name of the sampled value when freeze_depth is searched as a fraction of depth.
+FREEZE_FRACTION = "freeze_fraction"
+
+
+def _grid_values(dist: Distribution) -> list[Any]:
+    if dist.type == "loguniform":
+        values = np.geomspace(dist.low, dist.high, dist.grid_points)
+    elif dist.type == "uniform" and dist.step:
+        values = np.arange(dist.low, dist.high + dist.step / 2, dist.step)
+    else:
+        values = np.linspace(dist.low, dist.high, dist.grid_points)
+    return [float(f"{v:.6g}") for v in values]
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: Distribution, *, grid: bool,
+             low: float | None = None, high: float | None = None) -> Any:
+    low = dist.low if low is None else low
+    high = dist.high if high is None else high
+    if dist.type == "choice":
+        return trial.suggest_categorical(name, dist.values)
+    if dist.type == "int":
+        return trial.suggest_int(name, int(low), int(high), step=int(dist.step or 1))
+    if grid:
+        return trial.suggest_categorical(name, _grid_values(dist.model_copy(
+            update={"low": low, "high": high})))
+    if dist.type == "loguniform":
+        return trial.suggest_float(name, low, high, log=True)
+    return trial.suggest_float(name, low, high, step=dist.step)
+
+
+def _applies(key: str, backbone: str) -> bool:
+    if key in EFFICIENTNET_KEYS:
+        return backbone == "efficientnet"
+    if key == "resolution":
+        return is_efficientnet(backbone)
+    return True
+
+
+def make_define_by_run(cfg: ExperimentConfig) -> Callable[[optuna.Trial], dict[str, Any]]:
+    """Returns ``f(trial) -> constants`` that samples one trial's parameters.
+
+    The returned dict holds derived values (``freeze_depth`` from a fraction),
+    which Ray Tune merges into the trial config with the sampled ones.
+    """
+    searched = cfg.searched()
+    fixed = cfg.fixed()
+    grid = cfg.search.algorithm == "grid"
+    constraint = cfg.search.compound_constraint
+    # Backbone first: everything conditional hangs off it.
+    order = sorted(searched, key=lambda k: (k != "backbone", k == "freeze_depth"))
+
+    def define(trial: optuna.Trial) -> dict[str, Any]:
+        constants: dict[str, Any] = {}
+        backbone = fixed.get("backbone", "resnet18")
+        values: dict[str, Any] = {}
+        for key in order:
+            dist = searched[key]
+            if key == "backbone":
+                backbone = values[key] = _suggest(trial, key, dist, grid=grid)
+                continue
+            if not _applies(key, backbone) or (key == "gamma" and constraint):
+                continue
+            if key == "freeze_depth":
+                n = stage_count(backbone)
+                if dist.type == "fraction":
+                    frac = _suggest(trial, FREEZE_FRACTION, dist, grid=grid)
+                    constants["freeze_depth"] = min(n, round(frac * n))
+                elif dist.type == "int":
+                    high = min(int(dist.high), n)
+                    values[key] = _suggest(trial, key, dist, grid=grid,
+                                           low=min(dist.low, high), high=high)
+                else:
+                    values[key] = _suggest(trial, key, dist, grid=grid)
+                continue
+            values[key] = _suggest(trial, key, dist, grid=grid)
+        if constraint and backbone == "efficientnet":
+            alpha = values.get("alpha", fixed.get("alpha", 1.2))
+            beta = values.get("beta", fixed.get("beta", 1.1))
+            base = alpha * beta**2
+            low = math.sqrt(max(1e-9, 2 - constraint.tolerance) / base)
+            high = math.sqrt((2 + constraint.tolerance) / base)
+            gamma = Distribution(type="uniform", low=low, high=high, grid_points=3)
+            _suggest(trial, "gamma", gamma, grid=grid)
+        return constants
+
+    return define
+
+
+def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``search.algorithm``, seeded with the experiment seed."""
+    algorithm, seed = cfg.search.algorithm, cfg.seed
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if algorithm == "grid":
+        # BruteForceSampler walks every branch of a conditional, dynamic space.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.BruteForceSampler(seed=seed)
+    parallel = (cfg.search.max_concurrent or 2) > 1
+    startup = max(2, min(10, cfg.search.num_samples // 3))
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=parallel,
+        n_startup_trials=startup,
+    )
+
+
+def grid_points(cfg: ExperimentConfig, *, limit: int = 100_000) -> list[dict[str, Any]]:
+    """Every point of a ``grid`` search, conditional branches included, in a seeded order."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=make_sampler(cfg))
+    define = make_define_by_run(cfg)
+    points: list[dict[str, Any]] = []
+
+    def collect(trial: optuna.Trial) -> float:
+        constants = define(trial)
+        points.append({**trial.params, **constants})
+        return 0.0
+
+    # BruteForceSampler stops the study once every branch has been visited.
+    study.optimize(collect, n_trials=limit)
+    return points
+
+
+def sample_configs(cfg: ExperimentConfig, n: int) -> list[dict[str, Any]]:
+    """Samples ``n`` parameter sets offline (no Ray), exactly as a search would start.
+
+    Used for PBT's initial population and to check reproducibility.
+    """
+    if cfg.search.algorithm == "grid":
+        return grid_points(cfg)[:n]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=make_sampler(cfg))
+    for point in cfg.search.points_to_evaluate:
+        study.enqueue_trial(point)
+    define = make_define_by_run(cfg)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = define(trial)
+        out.append({**trial.params, **constants})
+        study.tell(trial, 0.0)
+    return out
+
+
+def _type_of(values: list[Any]) -> str:
+    if all(isinstance(v, bool) for v in values):
+        return "bool"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return "int64"
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return "float64"
+    return "string"
+
+
+def column_types(cfg: ExperimentConfig) -> dict[str, str]:
+    """Arrow type names (``int64``, ``float64``, ``string``, ``bool``) of each searched column."""
+    types: dict[str, str] = {}
+    for key, dist in cfg.searched().items():
+        if dist.type == "choice":
+            types[key] = _type_of(list(dist.values or []))
+        elif dist.type == "int":
+            types[key] = "int64"
+        elif dist.type == "fraction":
+            types[FREEZE_FRACTION] = "float64"
+            types[key] = "int64"
+        else:
+            types[key] = "float64"
+    if cfg.search.compound_constraint:
+        types["gamma"] = "float64"
+    return types

@@ -1,0 +1,179 @@
+"""Config -> ``ray.tune.Tuner``: scheduler, searcher, resources, storage, failure handling.
+
+Everything here is assembly; the trial itself is
+:func:`trainables.finetune.tune_trainable`, which receives plain dicts only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
+from ray.tune.search import BasicVariantGenerator, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from search.config import ExperimentConfig
+from search.results import make_callback
+from search.space import (
+    column_types,
+    grid_points,
+    make_define_by_run,
+    make_sampler,
+    sample_configs,
+)
+from trainables import metrics as M
+from trainables.finetune import tune_trainable
+
+__all__ = [
+    "PBT_MUTABLE",
+    "build_scheduler",
+    "build_searcher",
+    "build_tuner",
+    "experiment_dir",
+    "restore_tuner",
+]
+
+# Parameters PBT may mutate: they change the optimiser, not the model's shape,
+# so a trial can continue from another's checkpoint with them.
+PBT_MUTABLE = ("lr", "lr_scale", "weight_decay", "momentum", "label_smoothing")
+
+
+def experiment_dir(cfg: ExperimentConfig) -> str:
+    """``<storage>/<name>``, absolute for local storage."""
+    if "://" in cfg.storage:
+        return f"{cfg.storage.rstrip('/')}/{cfg.name}"
+    return str(Path(cfg.storage).expanduser().resolve() / cfg.name)
+
+
+def _storage_path(cfg: ExperimentConfig) -> str:
+    if "://" in cfg.storage:
+        return cfg.storage
+    return str(Path(cfg.storage).expanduser().resolve())
+
+
+def _primary(cfg: ExperimentConfig) -> tuple[str, str]:
+    first = cfg.search.objectives[0]
+    return first.metric, first.mode
+
+
+def build_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
+    """The trial scheduler; its time unit is the epoch."""
+    s = cfg.scheduler
+    metric, mode = _primary(cfg)
+    max_t = s.max_t or cfg.epochs
+    if s.type == "asha":
+        return ASHAScheduler(time_attr=M.EPOCH, metric=metric, mode=mode, max_t=max_t,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                             brackets=s.brackets)
+    if s.type == "hyperband":
+        return HyperBandScheduler(time_attr=M.EPOCH, metric=metric, mode=mode, max_t=max_t,
+                                  reduction_factor=s.reduction_factor)
+    if s.type == "median":
+        return MedianStoppingRule(time_attr=M.EPOCH, metric=metric, mode=mode,
+                                  grace_period=s.grace_period,
+                                  min_samples_required=s.min_samples_required)
+    if s.type == "pbt":
+        mutations = {}
+        for key, dist in cfg.searched().items():
+            if key not in PBT_MUTABLE:
+                continue
+            if dist.type == "choice":
+                mutations[key] = list(dist.values or [])
+            elif dist.type == "loguniform":
+                mutations[key] = tune.loguniform(dist.low, dist.high)
+            else:
+                mutations[key] = tune.uniform(dist.low, dist.high)
+        if not mutations:
+            raise ValueError(f"scheduler.type: pbt needs at least one of {list(PBT_MUTABLE)} "
+                             f"searched in space")
+        return PopulationBasedTraining(
+            time_attr=M.EPOCH, metric=metric, mode=mode,
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=mutations, quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability, synch=False)
+    return FIFOScheduler()
+
+
+def _fixed_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    if cfg.search.algorithm == "grid":
+        return grid_points(cfg)
+    return sample_configs(cfg, cfg.search.num_samples)
+
+
+def _num_samples(cfg: ExperimentConfig) -> int:
+    return len(grid_points(cfg)) if cfg.search.algorithm == "grid" else cfg.search.num_samples
+
+
+def build_searcher(cfg: ExperimentConfig) -> Searcher | BasicVariantGenerator:
+    """OptunaSearch over the define-by-run space (or, for PBT, a sampled initial population)."""
+    if cfg.scheduler.type == "pbt" or cfg.search.algorithm == "grid":
+        # A grid is a finite list of points; PBT refuses a search algorithm, so
+        # its initial population is sampled up front by the same space.
+        return BasicVariantGenerator(points_to_evaluate=_fixed_points(cfg),
+                                     max_concurrent=cfg.search.max_concurrent or 0)
+    objectives = cfg.search.objectives
+    metric: str | list[str] = [o.metric for o in objectives]
+    mode: str | list[str] = [o.mode for o in objectives]
+    if len(objectives) == 1:
+        metric, mode = metric[0], mode[0]
+    # TuneConfig.max_concurrent_trials wraps this in a ConcurrencyLimiter.
+    return OptunaSearch(
+        space=make_define_by_run(cfg), metric=metric, mode=mode,
+        points_to_evaluate=list(cfg.search.points_to_evaluate) or None,
+        sampler=make_sampler(cfg))
+
+
+def _callbacks(cfg: ExperimentConfig) -> list[Any]:
+    store_args = {
+        "directory": experiment_dir(cfg),
+        "param_types": column_types(cfg),
+        "max_epochs": cfg.scheduler.max_t or cfg.epochs,
+        "objectives": [(o.metric, o.mode) for o in cfg.search.objectives],
+    }
+    return [make_callback(store_args)]
+
+
+def _trainable(cfg: ExperimentConfig) -> Any:
+    resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    return tune.with_resources(tune_trainable, resources)
+
+
+def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
+    """A Tuner for ``cfg``; results go to ``<storage>/<name>``."""
+    metric, mode = _primary(cfg)
+    searcher = build_searcher(cfg)
+    tune_config = tune.TuneConfig(
+        metric=metric, mode=mode, search_alg=searcher, scheduler=build_scheduler(cfg),
+        num_samples=_num_samples(cfg),
+        max_concurrent_trials=cfg.search.max_concurrent,
+        time_budget_s=cfg.search.time_budget_s,
+        # A reused actor keeps torch imported and the dataset decoded.
+        reuse_actors=True,
+    )
+    run_config = tune.RunConfig(
+        name=cfg.name,
+        storage_path=_storage_path(cfg),
+        failure_config=tune.FailureConfig(max_failures=cfg.failure.max_failures),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+        callbacks=_callbacks(cfg),
+        verbose=0,
+    )
+    return tune.Tuner(_trainable(cfg), param_space=cfg.fixed(), tune_config=tune_config,
+                      run_config=run_config)
+
+
+def restore_tuner(cfg: ExperimentConfig) -> tune.Tuner:
+    """Resumes the experiment of ``cfg``: unfinished and errored trials continue."""
+    return tune.Tuner.restore(experiment_dir(cfg), trainable=_trainable(cfg),
+                              resume_unfinished=True, resume_errored=True,
+                              param_space=cfg.fixed())

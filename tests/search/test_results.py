@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from search.results import EPOCHS_FILE, SCHEMA_VERSION, TRIALS_FILE, ResultsStore
+
+TYPES = {"backbone": "string", "freeze_depth": "int64", "lr": "float64"}
+
+
+def _result(epoch: int, top1: float, **extra) -> dict:
+    return {"epoch": epoch, "top1": top1, "top5": min(100.0, top1 + 10), "train_loss": 1.0 / epoch,
+            "val_loss": 1.5 / epoch, "lr": 0.01, "samples_per_s": 100.0, "seconds": 2.0,
+            "params": 1000, "gmacs": 0.25, "peak_rss_mb": 500.0, "peak_gpu_mb": 0.0, **extra}
+
+
+def _store(tmp_path, **kw) -> ResultsStore:
+    return ResultsStore(str(tmp_path), param_types=TYPES, max_epochs=3, **kw)
+
+
+CONFIG = {"backbone": "resnet18", "freeze_depth": 2, "lr": 0.05, "data": {"source": "digits"}}
+
+
+def test_files_follow_the_contract_and_read_back_in_pandas_and_duckdb(tmp_path):
+    store = _store(tmp_path)
+    for e, acc in [(1, 50.0), (2, 70.0), (3, 65.0)]:
+        store.record_result("a", CONFIG, _result(e, acc), node="n1")
+    store.finish("a")
+    store.record_result("b", {**CONFIG, "freeze_depth": 5}, _result(1, 20.0), node="n2")
+    store.finish("b")
+    store.write()
+
+    trials = pd.read_parquet(tmp_path / TRIALS_FILE)
+    epochs = pd.read_parquet(tmp_path / EPOCHS_FILE)
+    assert list(trials.trial_id) == ["a", "b"]
+    a = trials.set_index("trial_id").loc["a"]
+    assert a.status == "TERMINATED" and a.best_top1 == 70.0 and a.last_top1 == 65.0
+    assert a.epochs == 3 and a.flops == 250_000_000 and a.train_seconds == 6.0
+    assert trials.set_index("trial_id").loc["b"].status == "STOPPED_EARLY"
+    assert str(trials["config.freeze_depth"].dtype) == "int64"
+    assert trials["config.backbone"].tolist() == ["resnet18", "resnet18"]
+    assert len(epochs) == 4
+    schema = pq.read_schema(tmp_path / TRIALS_FILE)
+    assert schema.metadata[b"ftsearch.schema_version"] == SCHEMA_VERSION.encode()
+    n = duckdb.sql(f"select count(*) from '{tmp_path / EPOCHS_FILE}' where trial_id='a'").fetchall()
+    assert n == [(3,)]
+
+
+def test_replayed_results_after_resume_do_not_duplicate(tmp_path):
+    store = _store(tmp_path)
+    store.record_result("a", CONFIG, _result(1, 50.0))
+    store.record_result("a", CONFIG, _result(2, 60.0))
+    store.write()
+    # a new driver reloads the files, and the trial replays epoch 2 from its checkpoint
+    again = _store(tmp_path)
+    again.record_result("a", CONFIG, _result(2, 61.0))
+    again.record_result("a", CONFIG, _result(3, 62.0))
+    again.finish("a")
+    again.write()
+    epochs = pd.read_parquet(tmp_path / EPOCHS_FILE)
+    assert epochs.epoch.tolist() == [1, 2, 3]
+    assert epochs.top1.tolist() == [50.0, 61.0, 62.0]
+    trials = pd.read_parquet(tmp_path / TRIALS_FILE)
+    assert len(trials) == 1 and trials.status.iloc[0] == "TERMINATED"
+
+
+def test_error_and_divergence_statuses(tmp_path):
+    store = _store(tmp_path)
+    store.record_result("x", CONFIG, _result(1, 10.0, diverged=True))
+    assert store.finish("x") == "DIVERGED"
+    store.record_result("y", CONFIG, _result(1, 10.0))
+    assert store.finish("y", error="RuntimeError: boom") == "ERROR"
+    store.write()
+    trials = pd.read_parquet(tmp_path / TRIALS_FILE).set_index("trial_id")
+    assert trials.loc["y", "error"] == "RuntimeError: boom"
+    assert pd.isna(trials.loc["x", "error"])
+
+
+def test_pareto_flags_the_non_dominated_trials(tmp_path):
+    store = _store(tmp_path, objectives=[("top1", "max"), ("gmacs", "min")])
+    for tid, acc, gmacs in [("cheap", 60.0, 0.1), ("good", 90.0, 1.0), ("bad", 50.0, 2.0),
+                            ("mid", 80.0, 0.5)]:
+        store.record_result(tid, CONFIG, {**_result(3, acc), "gmacs": gmacs})
+        store.finish(tid)
+    store.write()
+    trials = pd.read_parquet(tmp_path / TRIALS_FILE).set_index("trial_id")
+    assert trials.pareto.to_dict() == {"cheap": True, "good": True, "bad": False, "mid": True}
+
+
+def test_checkpoint_keeps_the_best(tmp_path):
+    store = _store(tmp_path)
+    store.record_checkpoint("a", "/ckpt/1", top1=50.0)
+    store.record_checkpoint("a", "/ckpt/2", top1=70.0)
+    store.record_checkpoint("a", "/ckpt/3", top1=60.0)
+    assert store.trials["a"]["checkpoint"] == "/ckpt/2"
+
+
+@pytest.mark.parametrize("name", [TRIALS_FILE, EPOCHS_FILE])
+def test_write_leaves_no_temp_files(tmp_path, name):
+    store = _store(tmp_path)
+    store.record_result("a", CONFIG, _result(1, 50.0))
+    store.write()
+    store.write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([TRIALS_FILE, EPOCHS_FILE])

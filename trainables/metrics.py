@@ -1,0 +1,43 @@
+"""Metric names shared by the trial, the scheduler and the results writer.
+
+One place, so a renamed metric cannot silently leave the scheduler watching
+a key that no longer exists (syne-tune's ``report.py`` does the same).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DIVERGED",
+    "EPOCH",
+    "EPOCH_METRICS",
+    "GMACS",
+    "LR",
+    "PARAMS",
+    "PEAK_GPU_MB",
+    "PEAK_RSS_MB",
+    "SAMPLES_PER_S",
+    "SECONDS",
+    "TOP1",
+    "TOP5",
+    "TRAIN_LOSS",
+    "VAL_LOSS",
+]
+
+EPOCH = "epoch"  # 1-based; the scheduler's time unit
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+TOP1 = "top1"  # validation top-1 accuracy, percent
+TOP5 = "top5"  # validation top-5 accuracy, percent (top-k with k = min(5, classes))
+LR = "lr"  # head learning rate at the end of the epoch
+SAMPLES_PER_S = "samples_per_s"  # training images per second in the epoch
+SECONDS = "seconds"  # wall time of the epoch (train + validation)
+PARAMS = "params"
+GMACS = "gmacs"  # multiply-adds per image at the trial's resolution, in billions
+DIVERGED = "diverged"  # True in the last report of a trial whose loss went NaN/inf
+PEAK_RSS_MB = "peak_rss_mb"
+PEAK_GPU_MB = "peak_gpu_mb"
+
+# Keys that epochs.parquet records for every reported epoch.
+EPOCH_METRICS = (
+    EPOCH, TRAIN_LOSS, VAL_LOSS, TOP1, TOP5, LR, SAMPLES_PER_S, SECONDS, PEAK_RSS_MB, PEAK_GPU_MB,
+)
