@@ -24,7 +24,15 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
+def _quiet_ray() -> None:
+    # ftsearch prints its own one-line progress; Ray's tables and per-checkpoint
+    # warnings would drown it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def _init_ray(address: str | None) -> None:
+    _quiet_ray()
     import ray
 
     if address:
@@ -53,7 +61,7 @@ def _print_summary(directory: str) -> bool:
     """Prints the best trial; returns whether any trial produced a result."""
     import pandas as pd
 
-    from search.results import TRIALS_FILE
+    from search.store import TRIALS_FILE
 
     trials = pd.read_parquet(f"{directory}/{TRIALS_FILE}")
     counts = trials["status"].value_counts().to_dict()

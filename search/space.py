@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from trainables.backbones import is_efficientnet, stage_count
 from trainables.finetune import EFFICIENTNET_KEYS
 
 __all__ = [
+    "DefineByRun",
     "FREEZE_FRACTION",
     "column_types",
     "grid_points",
@@ -69,54 +69,62 @@ def _applies(key: str, backbone: str) -> bool:
     return True
 
 
-def make_define_by_run(cfg: ExperimentConfig) -> Callable[[optuna.Trial], dict[str, Any]]:
-    """Returns ``f(trial) -> constants`` that samples one trial's parameters.
+class DefineByRun:
+    """``f(trial) -> constants``: samples one trial's parameters (picklable, for Tune).
 
     The returned dict holds derived values (``freeze_depth`` from a fraction),
     which Ray Tune merges into the trial config with the sampled ones.
     """
-    searched = cfg.searched()
-    fixed = cfg.fixed()
-    grid = cfg.search.algorithm == "grid"
-    constraint = cfg.search.compound_constraint
-    # Backbone first: everything conditional hangs off it.
-    order = sorted(searched, key=lambda k: (k != "backbone", k == "freeze_depth"))
 
-    def define(trial: optuna.Trial) -> dict[str, Any]:
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.searched = cfg.searched()
+        self.fixed = cfg.fixed()
+        self.grid = cfg.search.algorithm == "grid"
+        self.constraint = cfg.search.compound_constraint
+        # Backbone first: everything conditional hangs off it.
+        self.order = sorted(self.searched, key=lambda k: (k != "backbone", k == "freeze_depth"))
+
+    def _freeze_depth(self, trial: optuna.Trial, dist: Distribution, backbone: str,
+                      values: dict[str, Any], constants: dict[str, Any]) -> None:
+        n = stage_count(backbone)
+        if dist.type == "fraction":
+            frac = _suggest(trial, FREEZE_FRACTION, dist, grid=self.grid)
+            constants["freeze_depth"] = min(n, round(frac * n))
+        elif dist.type == "int":
+            high = min(int(dist.high), n)
+            values["freeze_depth"] = _suggest(trial, "freeze_depth", dist, grid=self.grid,
+                                              low=min(dist.low, high), high=high)
+        else:
+            values["freeze_depth"] = _suggest(trial, "freeze_depth", dist, grid=self.grid)
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         constants: dict[str, Any] = {}
-        backbone = fixed.get("backbone", "resnet18")
         values: dict[str, Any] = {}
-        for key in order:
-            dist = searched[key]
+        backbone = self.fixed.get("backbone", "resnet18")
+        for key in self.order:
+            dist = self.searched[key]
             if key == "backbone":
-                backbone = values[key] = _suggest(trial, key, dist, grid=grid)
+                backbone = values[key] = _suggest(trial, key, dist, grid=self.grid)
+            elif not _applies(key, backbone) or (key == "gamma" and self.constraint):
                 continue
-            if not _applies(key, backbone) or (key == "gamma" and constraint):
-                continue
-            if key == "freeze_depth":
-                n = stage_count(backbone)
-                if dist.type == "fraction":
-                    frac = _suggest(trial, FREEZE_FRACTION, dist, grid=grid)
-                    constants["freeze_depth"] = min(n, round(frac * n))
-                elif dist.type == "int":
-                    high = min(int(dist.high), n)
-                    values[key] = _suggest(trial, key, dist, grid=grid,
-                                           low=min(dist.low, high), high=high)
-                else:
-                    values[key] = _suggest(trial, key, dist, grid=grid)
-                continue
-            values[key] = _suggest(trial, key, dist, grid=grid)
-        if constraint and backbone == "efficientnet":
-            alpha = values.get("alpha", fixed.get("alpha", 1.2))
-            beta = values.get("beta", fixed.get("beta", 1.1))
+            elif key == "freeze_depth":
+                self._freeze_depth(trial, dist, backbone, values, constants)
+            else:
+                values[key] = _suggest(trial, key, dist, grid=self.grid)
+        if self.constraint and backbone == "efficientnet":
+            alpha = values.get("alpha", self.fixed.get("alpha", 1.2))
+            beta = values.get("beta", self.fixed.get("beta", 1.1))
             base = alpha * beta**2
-            low = math.sqrt(max(1e-9, 2 - constraint.tolerance) / base)
-            high = math.sqrt((2 + constraint.tolerance) / base)
-            gamma = Distribution(type="uniform", low=low, high=high, grid_points=3)
-            _suggest(trial, "gamma", gamma, grid=grid)
+            tol = self.constraint.tolerance
+            gamma = Distribution(type="uniform", low=math.sqrt(max(1e-9, 2 - tol) / base),
+                                 high=math.sqrt((2 + tol) / base))
+            _suggest(trial, "gamma", gamma, grid=self.grid)
         return constants
 
-    return define
+
+def make_define_by_run(cfg: ExperimentConfig) -> DefineByRun:
+    """The define-by-run function of ``cfg``'s space."""
+    return DefineByRun(cfg)
 
 
 def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
@@ -131,10 +139,13 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
             return optuna.samplers.BruteForceSampler(seed=seed)
     parallel = (cfg.search.max_concurrent or 2) > 1
     startup = max(2, min(10, cfg.search.num_samples // 3))
-    return optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, constant_liar=parallel,
-        n_startup_trials=startup,
-    )
+    with warnings.catch_warnings():
+        # multivariate/group are flagged experimental; they are what conditional spaces need.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=parallel,
+            n_startup_trials=startup,
+        )
 
 
 def grid_points(cfg: ExperimentConfig, *, limit: int = 100_000) -> list[dict[str, Any]]:

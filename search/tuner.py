@@ -22,7 +22,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import ExperimentConfig
-from search.results import make_callback
+from search.results import ParquetCallback
 from search.space import (
     column_types,
     grid_points,
@@ -67,18 +67,18 @@ def _primary(cfg: ExperimentConfig) -> tuple[str, str]:
 
 def build_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
     """The trial scheduler; its time unit is the epoch."""
+    # metric and mode come from TuneConfig (the first objective).
     s = cfg.scheduler
-    metric, mode = _primary(cfg)
     max_t = s.max_t or cfg.epochs
     if s.type == "asha":
-        return ASHAScheduler(time_attr=M.EPOCH, metric=metric, mode=mode, max_t=max_t,
+        return ASHAScheduler(time_attr=M.EPOCH, max_t=max_t,
                              grace_period=s.grace_period, reduction_factor=s.reduction_factor,
                              brackets=s.brackets)
     if s.type == "hyperband":
-        return HyperBandScheduler(time_attr=M.EPOCH, metric=metric, mode=mode, max_t=max_t,
+        return HyperBandScheduler(time_attr=M.EPOCH, max_t=max_t,
                                   reduction_factor=s.reduction_factor)
     if s.type == "median":
-        return MedianStoppingRule(time_attr=M.EPOCH, metric=metric, mode=mode,
+        return MedianStoppingRule(time_attr=M.EPOCH,
                                   grace_period=s.grace_period,
                                   min_samples_required=s.min_samples_required)
     if s.type == "pbt":
@@ -96,7 +96,7 @@ def build_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
             raise ValueError(f"scheduler.type: pbt needs at least one of {list(PBT_MUTABLE)} "
                              f"searched in space")
         return PopulationBasedTraining(
-            time_attr=M.EPOCH, metric=metric, mode=mode,
+            time_attr=M.EPOCH,
             perturbation_interval=s.perturbation_interval,
             hyperparam_mutations=mutations, quantile_fraction=s.quantile_fraction,
             resample_probability=s.resample_probability, synch=False)
@@ -133,13 +133,12 @@ def build_searcher(cfg: ExperimentConfig) -> Searcher | BasicVariantGenerator:
 
 
 def _callbacks(cfg: ExperimentConfig) -> list[Any]:
-    store_args = {
-        "directory": experiment_dir(cfg),
-        "param_types": column_types(cfg),
-        "max_epochs": cfg.scheduler.max_t or cfg.epochs,
-        "objectives": [(o.metric, o.mode) for o in cfg.search.objectives],
-    }
-    return [make_callback(store_args)]
+    return [ParquetCallback(
+        directory=experiment_dir(cfg),
+        param_types=column_types(cfg),
+        max_epochs=cfg.scheduler.max_t or cfg.epochs,
+        objectives=[(o.metric, o.mode) for o in cfg.search.objectives],
+    )]
 
 
 def _trainable(cfg: ExperimentConfig) -> Any:

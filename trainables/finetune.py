@@ -364,6 +364,8 @@ def tune_trainable(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
+    # One line per checkpoint from Ray's storage layer is noise in a search log.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))

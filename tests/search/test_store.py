@@ -5,7 +5,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from search.results import EPOCHS_FILE, SCHEMA_VERSION, TRIALS_FILE, ResultsStore
+from search.store import EPOCHS_FILE, SCHEMA_VERSION, TRIALS_FILE, ResultsStore
 
 TYPES = {"backbone": "string", "freeze_depth": "int64", "lr": "float64"}
 

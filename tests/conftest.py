@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny real search, run once per test session through the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FTSEARCH = [sys.executable, "-m", "search.cli"]
+
+# Small enough for 2 CPU cores: 64 px digits, 100 training images, 3 steps an epoch.
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"source": "digits", "samples_per_class": 10, "val_fraction": 0.2},
+    "train": {"epochs": 3, "batch_size": 32, "resolution": 64, "max_steps_per_epoch": 3,
+              "eval_batch_size": 512,
+              "weights": {"efficientnet_lite0": "packaged", "default": "none"}},
+    "space": {
+        "backbone": {"type": "choice", "values": ["efficientnet_lite0", "alexnet"]},
+        "freeze_depth": {"type": "int", "low": 0, "high": 9},
+        "lr": {"type": "loguniform", "low": 0.0001, "high": 0.3},
+        "lr_scale": {"type": "loguniform", "low": 0.01, "high": 1.0},
+    },
+    # One trial at a time keeps ASHA's decisions reproducible: pretrained Lite0
+    # trials learn within 3 steps, AlexNet from scratch does not, so ASHA stops some.
+    "search": {"num_samples": 6, "max_concurrent": 1,
+               "objectives": [{"metric": "top1", "mode": "max"},
+                              {"metric": "gmacs", "mode": "min"}]},
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},
+    "resources": {"cpu": 1},
+}
+
+
+def ftsearch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["PYTHONPATH"] = str(ROOT)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_ftsearch(*args: str, timeout: float = 600, cwd: Path | None = None
+                 ) -> subprocess.CompletedProcess:
+    return subprocess.run([*FTSEARCH, *args], cwd=cwd or ROOT, env=ftsearch_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tmp_path_factory) -> Path:
+    """A finished multi-objective ASHA search: its experiment directory."""
+    root = tmp_path_factory.mktemp("tiny")
+    config = write_config(root / "tiny.yaml", {**TINY, "storage": str(root / "runs")})
+    proc = run_ftsearch("run", str(config))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "runs" / "tiny"
