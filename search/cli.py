@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,20 @@ def _init_ray(address: str | None) -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
+def _check_local_gpus(cfg: Any) -> str | None:
+    """A local run can check its GPUs before Ray starts."""
+    if cfg.resources.gpu <= 0:
+        return None
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if cfg.resources.gpu > gpus:
+        return (f"resources.gpu: {cfg.resources.gpu:g} GPU per trial, but this machine has "
+                f"{gpus} usable GPU(s); use at most {gpus} (0 for CPU-only), or join a GPU "
+                f"cluster with --address")
+    return None
+
+
 def _check_cluster_fits(cfg: Any) -> str | None:
     import ray
 
@@ -57,7 +71,7 @@ def _check_cluster_fits(cfg: Any) -> str | None:
     return None
 
 
-def _print_summary(directory: str) -> bool:
+def _print_summary(directory: str, points: Sequence[dict[str, Any]] = ()) -> bool:
     """Prints the best trial; returns whether any trial produced a result."""
     import pandas as pd
 
@@ -82,11 +96,36 @@ def _print_summary(directory: str) -> bool:
     for col in trials.columns:
         if col.startswith("config.") and not pd.isna(best[col]):
             print(f"  {col.removeprefix('config.')}: {best[col]}")
+    for point in points:
+        baseline = _matching_trial(ok, point)
+        if baseline is not None:
+            gain = best["best_top1"] - baseline["best_top1"]
+            print(f"warm-start baseline {baseline['trial_id']}: top-1 "
+                  f"{baseline['best_top1']:.2f}% -> best {best['best_top1']:.2f}% "
+                  f"({gain:+.2f} points)")
     print(f"experiment directory: {directory}")
     return True
 
 
-def _run_search(cfg: Any, *, address: str | None, resume: bool) -> int:
+def _matching_trial(trials: Any, point: dict[str, Any]) -> Any:
+    """The finished trial whose searched values equal ``point`` (a points_to_evaluate entry)."""
+    import math
+
+    for _, row in trials.iterrows():
+        same = True
+        for key, value in point.items():
+            got = row.get(f"config.{key}")
+            if isinstance(value, float) and isinstance(got, float):
+                same &= math.isclose(value, got, rel_tol=1e-9)
+            else:
+                same &= got == value
+        if same:
+            return row
+    return None
+
+
+def _run_search(cfg: Any, *, address: str | None, resume: bool,
+                on_ready: Callable[[], None] | None = None) -> int:
     from search.tuner import build_tuner, experiment_dir, restore_tuner
 
     directory = experiment_dir(cfg)
@@ -94,13 +133,16 @@ def _run_search(cfg: Any, *, address: str | None, resume: bool) -> int:
     problem = _check_cluster_fits(cfg)
     if problem:
         return _fail(problem)
+    if on_ready is not None:
+        on_ready()
     tuner = restore_tuner(cfg) if resume else build_tuner(cfg)
     try:
         tuner.fit()
     except Exception as err:  # the search itself broke, not one trial
         print(f"ftsearch: the search failed: {err}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK if _print_summary(directory) else EXIT_FAILED
+    ok = _print_summary(directory, cfg.search.points_to_evaluate)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -118,16 +160,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for problem in err.problems:
             print(f"ftsearch: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    problem = None if args.address else _check_local_gpus(cfg)
+    if problem:
+        return _fail(problem)
     directory = experiment_dir(cfg)
-    if "://" not in directory:
-        path = Path(directory)
-        if (path / CONFIG_FILE).exists():
-            return _fail(f"experiment directory {directory} already holds a run; continue it "
-                         f"with `ftsearch resume {directory}` or pick another --name")
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(dump_config(cfg))
+    path = Path(directory)
+    if "://" not in directory and (path / CONFIG_FILE).exists():
+        return _fail(f"experiment directory {directory} already holds a run; continue it "
+                     f"with `ftsearch resume {directory}` or pick another --name")
+
+    def save_config() -> None:
+        # Only once every check passed: a refused run leaves nothing behind.
+        if "://" not in directory:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / CONFIG_FILE).write_text(dump_config(cfg))
+
     print(f"experiment {cfg.name}: results in {directory}", flush=True)
-    return _run_search(cfg, address=args.address, resume=False)
+    return _run_search(cfg, address=args.address, resume=False, on_ready=save_config)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -163,6 +212,117 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    # Parquet only: neither Ray nor the search modules that import it are loaded here.
+    import pandas as pd
+    import yaml
+
+    from search.analysis import (
+        AnalysisError,
+        best_config,
+        best_trial,
+        format_leaderboard,
+        leaderboard,
+        load_experiment,
+        param_importance,
+        summary,
+    )
+    from search.plots import write_plots
+    from search.report import write_report
+
+    try:
+        experiments = [load_experiment(d) for d in args.directories]
+    except AnalysisError as err:
+        return _fail(str(err))
+    names = [e.name for e in experiments]
+    if len(set(names)) < len(names):
+        return _fail(f"experiment names repeat ({names}); analyse experiments with distinct "
+                     f"names together")
+    out = Path(args.out) if args.out else (
+        experiments[0].directory / "analysis" if len(experiments) == 1 else Path("analysis"))
+    out.mkdir(parents=True, exist_ok=True)
+    for exp in experiments:
+        s = summary(exp)
+        counts = ", ".join(f"{n} {k.lower()}" for k, n in s["by_status"].items() if n)
+        print(f"experiment {exp.name} ({exp.directory}): {s['trials']} trials ({counts}), "
+              f"{s['trial_seconds']:.1f} trial-seconds")
+    board = leaderboard(experiments)
+    print(f"\nleaderboard (top {min(args.top, len(board))} of {len(board)}, by best top-1):")
+    print(format_leaderboard(board, top=args.top))
+    best = best_trial(board)
+    best_yaml = None
+    if best is None:
+        print("\nno trial has finished yet: no best config")
+    else:
+        exp = experiments[names.index(best["experiment"])]
+        print(f"\nbest trial: {best['trial_id']} ({exp.name})  top-1 {best['best_top1']:.2f}%  "
+              f"top-5 {best['best_top5']:.2f}%  epochs {best['epochs']}  "
+              f"{best['gmacs']:.3f} GMACs")
+        print("best config:")
+        for col in board.columns:
+            if col.startswith("config.") and pd.notna(best[col]):
+                print(f"  {col.removeprefix('config.')}: {best[col]}")
+        if exp.config is None:
+            print(f"(no {CONFIG_FILE} in {exp.directory}: best.yaml not written)")
+        else:
+            best_yaml = (f"# Reruns trial {best['trial_id']} of experiment {exp.name} "
+                         f"(best top-1 {best['best_top1']:.2f}%): `ftsearch run best.yaml`.\n"
+                         f"# Each searched parameter is pinned to the trial's value as a "
+                         f"one-value choice.\n"
+                         + yaml.safe_dump(best_config(exp, best), sort_keys=False))
+            (out / "best.yaml").write_text(best_yaml)
+    importances = [param_importance(e) for e in experiments]
+    for imp in importances:
+        print(f"\nimportance for best top-1 ({imp.experiment}, {imp.finished} finished trials):")
+        for evaluator, values in imp.values.items():
+            ranked = sorted(values.items(), key=lambda kv: -kv[1])
+            print(f"  {evaluator}: " + ", ".join(f"{p} {v:.3f}" for p, v in ranked))
+        for message in imp.messages:
+            print(f"  {message}")
+    board.to_csv(out / "leaderboard.csv", index=False)
+    images = write_plots(experiments, board, importances, out=out)
+    report = write_report(experiments=experiments, board=board, best=best,
+                          importances=importances, images=images, out=out / "report.html",
+                          top=args.top, best_yaml=best_yaml)
+    written = (["best.yaml"] if best_yaml else []) + [report.name, "leaderboard.csv"]
+    print(f"\nwrote {', '.join(written)} and {len(images)} plots "
+          f"({', '.join(p.name for p in images.values())}) to {out}")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from search.analysis import AnalysisError
+    from search.export import export_model
+
+    try:
+        meta = export_model(args.directory, out=args.out, trial_id=args.trial)
+    except AnalysisError as err:
+        return _fail(str(err))
+    top1 = "" if meta["top1"] is None else f", top-1 {meta['top1']:.2f}%"
+    print(f"exported trial {meta['trial_id']} of {meta['experiment']} (epoch {meta['epoch']}"
+          f"{top1}): {meta['backbone']}, {meta['num_classes']} classes, "
+          f"{meta['resolution']} px -> {args.out}")
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from search.export import ModelFileError, image_files, load_model, predict
+
+    if args.top < 1:
+        return _fail(f"--top: must be >= 1 (got {args.top})")
+    try:
+        model, meta = load_model(args.model)
+        files = image_files(args.path)
+    except ModelFileError as err:
+        return _fail(str(err))
+    predictions, failures = predict(model, meta, files, top=args.top)
+    for path, classes in predictions:
+        print(f"{path.name}\t" + "\t".join(f"{name} {p:.4f}" for name, p in classes))
+    for path, why in failures:
+        print(f"ftsearch: {path}: cannot read image ({why})", file=sys.stderr)
+    return EXIT_BAD_INPUT if failures else EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +344,27 @@ def _parser() -> argparse.ArgumentParser:
     backbones = sub.add_parser("backbones", help="list the backbones")
     backbones.add_argument("--json", action="store_true", help="print a JSON list")
     backbones.set_defaults(func=_cmd_backbones)
+
+    analyze = sub.add_parser("analyze", help="leaderboard, importance, plots, report, best.yaml "
+                                             "(reads the Parquet files only, no Ray)")
+    analyze.add_argument("directories", nargs="+", metavar="DIR",
+                         help="experiment directories (<storage>/<name>); several are compared")
+    analyze.add_argument("--out", help="output folder (default: DIR/analysis for one DIR, "
+                                       "./analysis for several)")
+    analyze.add_argument("--top", type=int, default=10, help="leaderboard rows (default 10)")
+    analyze.set_defaults(func=_cmd_analyze)
+
+    export = sub.add_parser("export", help="a trial's checkpoint as one standalone model file")
+    export.add_argument("directory", help="the experiment directory (<storage>/<name>)")
+    export.add_argument("--trial", help="trial id (default: the best finished trial)")
+    export.add_argument("--out", default="model.pt", help="model file (default model.pt)")
+    export.set_defaults(func=_cmd_export)
+
+    predict = sub.add_parser("predict", help="class probabilities of images, from a model file")
+    predict.add_argument("model", help="a file written by `ftsearch export`")
+    predict.add_argument("path", help="an image file, or a folder of images")
+    predict.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
+    predict.set_defaults(func=_cmd_predict)
     return parser
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainables.backbones import available_weights, backbone_names, stage_count
 from trainables.data import check_data_spec
@@ -31,6 +32,8 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "shared_storage",
+    "storage_filesystem",
 ]
 
 ALGORITHMS = ("optuna", "random", "grid")
@@ -137,6 +140,15 @@ class ResourcesConfig(_Strict):
     cpu: Annotated[float, Field(gt=0)] = 1
     gpu: Annotated[float, Field(ge=0)] = 0
 
+    @field_validator("gpu")
+    @classmethod
+    def _whole_above_one(cls, gpu: float) -> float:
+        # Ray packs fractions of one GPU; above one it only hands out whole GPUs.
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError("must be a fraction of one GPU (e.g. 0.5 packs two trials on a "
+                             "GPU) or a whole number of GPUs")
+        return gpu
+
 
 class FailureSettings(_Strict):
     max_failures: Annotated[int, Field(ge=0)] = 2
@@ -147,6 +159,9 @@ class ExperimentConfig(_Strict):
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     storage: str = "./runs"
+    # True declares a local `storage` path to be the same directory on every node (a
+    # shared mount ftsearch does not recognise); see `shared_storage`.
+    storage_shared: bool = False
     seed: int = 0
     data: dict[str, Any] = {"source": "digits"}
     train: dict[str, Any] = {}
@@ -280,6 +295,32 @@ def _weights_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
     return sorted(set(problems))
 
 
+def _points_problems(cfg: ExperimentConfig) -> list[str]:
+    """Each warm-start point names searched parameters with values their distributions allow."""
+    searched = cfg.searched()
+    fraction = "freeze_depth" in searched and searched["freeze_depth"].type == "fraction"
+    problems = []
+    for i, point in enumerate(cfg.search.points_to_evaluate):
+        for key, value in point.items():
+            where = f"search.points_to_evaluate[{i}].{key}"
+            if key == "freeze_fraction" and fraction:
+                key = "freeze_depth"
+            elif key == "freeze_depth" and fraction:
+                problems.append(f"{where}: freeze_depth is searched as a fraction here; give "
+                                f"freeze_fraction (0..1) instead")
+                continue
+            dist = searched.get(key)
+            if dist is None:
+                problems.append(f"{where}: not a searched parameter; searched ones are "
+                                f"{sorted(searched)}")
+            elif dist.type == "choice":
+                if value not in (dist.values or []):
+                    problems.append(f"{where}: {value!r} is not among {dist.values}")
+            elif not isinstance(value, int | float) or not dist.low <= value <= dist.high:
+                problems.append(f"{where}: {value!r} is outside [{dist.low:g}, {dist.high:g}]")
+    return problems
+
+
 def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     problems: list[str] = []
     for key, value in cfg.train.items():
@@ -340,6 +381,7 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
             problems.append("space.gamma: derived from alpha and beta under "
                             "search.compound_constraint; remove it from space")
 
+    problems += _points_problems(cfg)
     sched = cfg.scheduler
     max_t = sched.max_t or cfg.epochs
     if sched.type in ("asha", "hyperband", "median") and sched.grace_period > max_t:
@@ -367,6 +409,56 @@ def _storage_problems(storage: str) -> list[str]:
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return [f"storage: {storage!r} is not a writable directory"]
     return []
+
+
+# Filesystem types (as /proc/mounts names them) whose files every node sees.
+_SHARED_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
+    "wekafs", "panfs", "afs", "orangefs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs",
+    "fuse.gcsfuse", "fuse.juicefs", "fuse.mountpoint-s3", "fuse.goofys", "fuse.sshfs",
+})
+
+
+def storage_filesystem(path: str | Path, *, mounts: str = "/proc/mounts") -> str | None:
+    """The filesystem type holding ``path`` (its nearest existing ancestor), per ``mounts``.
+
+    Returns:
+        The type, e.g. ``ext4`` or ``nfs4``; ``None`` where the mount table is unreadable
+        (not Linux).
+    """
+    try:
+        table = Path(mounts).read_text()
+    except OSError:
+        return None
+    path = Path(path).expanduser().resolve()
+    best, best_type = "", None
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts writes a space in a mount point as \040 (octal escapes).
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = path == Path(point) or Path(point) in path.parents
+        if inside and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type
+
+
+def shared_storage(cfg: ExperimentConfig, *, mounts: str = "/proc/mounts") -> str | None:
+    """Why every Ray node sees the same ``cfg.storage``, or ``None`` if it may be node-local.
+
+    A URI (``s3://``, ``gs://``...) is shared, so is a path on a network or cluster
+    filesystem (NFS, EFS, Lustre, a FUSE bucket mount...), and a path the config declares
+    shared with ``storage_shared: true``.
+    """
+    if "://" in cfg.storage:
+        return f"{cfg.storage} is a URI"
+    if cfg.storage_shared:
+        return "the config declares it shared (storage_shared: true)"
+    fs = storage_filesystem(cfg.storage, mounts=mounts)
+    if fs in _SHARED_FILESYSTEMS:
+        return f"{cfg.storage} is on a {fs} filesystem"
+    return None
 
 
 def parse_config(raw: Any) -> ExperimentConfig:

@@ -40,7 +40,7 @@ class ParquetCallback(tune.Callback):
     """
 
     def __init__(self, *, directory: str, param_types: Mapping[str, str], max_epochs: int,
-                 objectives: Sequence[tuple[str, str]], min_interval_s: float = 1.0) -> None:
+                 objectives: Sequence[tuple[str, str]], min_interval_s: float = 2.0) -> None:
         self.store_args = {"directory": directory, "param_types": dict(param_types),
                            "max_epochs": max_epochs, "objectives": list(objectives)}
         self.min_interval_s = min_interval_s

@@ -51,6 +51,8 @@ _ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.strin
 def epochs_schema() -> pa.Schema:
     fields = [pa.field("trial_id", pa.string()), pa.field(M.EPOCH, pa.int64())]
     fields += [pa.field(name, pa.float64()) for name in _EPOCH_FLOATS]
+    # Null in rows written before the column existed.
+    fields.append(pa.field(M.RESUMED_FROM, pa.int64(), nullable=True))
     return pa.schema(fields, metadata=_META)
 
 
@@ -184,6 +186,7 @@ class ResultsStore:
         epoch = int(result[M.EPOCH])
         row = {"trial_id": trial_id, M.EPOCH: epoch}
         row.update({k: _cast(result.get(k), "float64") for k in _EPOCH_FLOATS})
+        row[M.RESUMED_FROM] = _cast(result.get(M.RESUMED_FROM), "int64")
         self.epochs[(trial_id, epoch)] = row
 
     def record_checkpoint(self, trial_id: str, path: str, *, top1: float | None) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "build_searcher",
     "build_tuner",
     "experiment_dir",
+    "preset_points",
     "restore_tuner",
 ]
 
@@ -103,22 +104,46 @@ def build_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
     return FIFOScheduler()
 
 
-def _fixed_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+def preset_points(cfg: ExperimentConfig) -> list[dict[str, Any]] | None:
+    """Every trial's parameters when they are known up front, else None (Optuna proposes).
+
+    A grid is a finite list of points; PBT refuses a search algorithm, so its
+    initial population is sampled up front from the same space.
+    """
     if cfg.search.algorithm == "grid":
         return grid_points(cfg)
-    return sample_configs(cfg, cfg.search.num_samples)
+    if cfg.scheduler.type == "pbt":
+        return sample_configs(cfg, cfg.search.num_samples)
+    return None
 
 
-def _num_samples(cfg: ExperimentConfig) -> int:
-    return len(grid_points(cfg)) if cfg.search.algorithm == "grid" else cfg.search.num_samples
+def _param_space(cfg: ExperimentConfig, points: list[dict[str, Any]] | None) -> dict[str, Any]:
+    space = cfg.fixed()
+    # Tune only lets preset points fill keys the param space already has.
+    for point in points or ():
+        space.update({k: None for k in point if k not in space})
+    return space
 
 
-def build_searcher(cfg: ExperimentConfig) -> Searcher | BasicVariantGenerator:
-    """OptunaSearch over the define-by-run space (or, for PBT, a sampled initial population)."""
-    if cfg.scheduler.type == "pbt" or cfg.search.algorithm == "grid":
-        # A grid is a finite list of points; PBT refuses a search algorithm, so
-        # its initial population is sampled up front by the same space.
-        return BasicVariantGenerator(points_to_evaluate=_fixed_points(cfg),
+class _OptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a diverged trial FAILED.
+
+    A diverged trial ends normally with its last finite top-1; reported as
+    COMPLETE it would teach TPE that a NaN-producing region is merely mediocre.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if result and result.get(M.DIVERGED):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def build_searcher(cfg: ExperimentConfig, points: list[dict[str, Any]] | None = None
+                   ) -> Searcher | BasicVariantGenerator:
+    """OptunaSearch over the define-by-run space, or a generator over preset ``points``."""
+    if points is not None:
+        return BasicVariantGenerator(points_to_evaluate=points,
                                      max_concurrent=cfg.search.max_concurrent or 0)
     objectives = cfg.search.objectives
     metric: str | list[str] = [o.metric for o in objectives]
@@ -126,7 +151,7 @@ def build_searcher(cfg: ExperimentConfig) -> Searcher | BasicVariantGenerator:
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
     # TuneConfig.max_concurrent_trials wraps this in a ConcurrencyLimiter.
-    return OptunaSearch(
+    return _OptunaSearch(
         space=make_define_by_run(cfg), metric=metric, mode=mode,
         points_to_evaluate=list(cfg.search.points_to_evaluate) or None,
         sampler=make_sampler(cfg))
@@ -149,11 +174,13 @@ def _trainable(cfg: ExperimentConfig) -> Any:
 def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
     """A Tuner for ``cfg``; results go to ``<storage>/<name>``."""
     metric, mode = _primary(cfg)
-    searcher = build_searcher(cfg)
+    points = preset_points(cfg)
     tune_config = tune.TuneConfig(
-        metric=metric, mode=mode, search_alg=searcher, scheduler=build_scheduler(cfg),
-        num_samples=_num_samples(cfg),
-        max_concurrent_trials=cfg.search.max_concurrent,
+        metric=metric, mode=mode, search_alg=build_searcher(cfg, points),
+        scheduler=build_scheduler(cfg),
+        num_samples=cfg.search.num_samples if points is None else len(points),
+        # BasicVariantGenerator limits concurrency itself.
+        max_concurrent_trials=cfg.search.max_concurrent if points is None else None,
         time_budget_s=cfg.search.time_budget_s,
         # A reused actor keeps torch imported and the dataset decoded.
         reuse_actors=True,
@@ -167,12 +194,12 @@ def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
         callbacks=_callbacks(cfg),
         verbose=0,
     )
-    return tune.Tuner(_trainable(cfg), param_space=cfg.fixed(), tune_config=tune_config,
-                      run_config=run_config)
+    return tune.Tuner(_trainable(cfg), param_space=_param_space(cfg, points),
+                      tune_config=tune_config, run_config=run_config)
 
 
 def restore_tuner(cfg: ExperimentConfig) -> tune.Tuner:
     """Resumes the experiment of ``cfg``: unfinished and errored trials continue."""
     return tune.Tuner.restore(experiment_dir(cfg), trainable=_trainable(cfg),
                               resume_unfinished=True, resume_errored=True,
-                              param_space=cfg.fixed())
+                              param_space=_param_space(cfg, preset_points(cfg)))
