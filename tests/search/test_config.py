@@ -94,3 +94,22 @@ def test_not_yaml_or_not_a_mapping(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_gpu_template_is_valid_once_pointed_at_data(tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            image = Image.new("RGB", (20, 20), (i * 90, 40, 200))
+            image.save(tmp_path / "train" / name / f"{i}.png")
+    cfg = load_config(ROOT / "configs" / "imagefolder-gpu.yaml",
+                      [f"data.path={tmp_path / 'train'}", f"storage={tmp_path / 'runs'}"])
+    assert cfg.resources.gpu == 0.5 and cfg.train["weights"] == "imagenet"
+    assert {"resnet50", "efficientnet_b0", "efficientnet_b3", "vgg16_bn"} <= set(
+        cfg.space["backbone"].values)
+    assert cfg.scheduler.type == "asha"
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(ROOT / "configs" / "imagefolder-gpu.yaml",
+                    [f"data.path={tmp_path / 'missing'}", f"storage={tmp_path / 'runs'}"])
