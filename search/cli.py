@@ -31,6 +31,13 @@ def _quiet_ray() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
+def _job_address() -> str | None:
+    # Inside a Ray job (`ftsearch submit`, `ray job submit`) Ray points RAY_ADDRESS at the
+    # cluster the driver must join; an http:// one is a dashboard, for the jobs CLI only.
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if address and not address.startswith(("http://", "https://")) else None
+
+
 def _init_ray(address: str | None) -> None:
     _quiet_ray()
     import ray
@@ -69,6 +76,29 @@ def _check_cluster_fits(cfg: Any) -> str | None:
         return (f"resources.cpu: {cfg.resources.cpu} CPU per trial, but the cluster has "
                 f"{cpus:g} CPU(s)")
     return None
+
+
+def _check_shared_storage(cfg: Any) -> str | None:
+    """Trials on other nodes than the driver's need storage every node sees."""
+    import ray
+
+    from search.config import shared_storage
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    mine = next((n["Resources"] for n in nodes if n["NodeID"] == here), {})
+    fits_here = (mine.get("CPU", 0) >= cfg.resources.cpu
+                 and mine.get("GPU", 0) >= cfg.resources.gpu)
+    if (len(nodes) < 2 and fits_here) or shared_storage(cfg):
+        return None
+    where = (f"this Ray cluster has {len(nodes)} nodes" if len(nodes) > 1 else
+             "the trials cannot run on the driver's node, so they run on others")
+    # Tune writes checkpoints from the trial's node and restores a retried trial from
+    # them: a node-local directory would scatter them and lose them with the node.
+    return (f"storage: {cfg.storage!r} is a node-local path, but {where}; give a path on a "
+            f"filesystem every node mounts at the same place (NFS, EFS, Lustre...), an "
+            f"s3:// or gs:// URI, or set storage_shared: true if {cfg.storage!r} is shared "
+            f"in a way ftsearch cannot detect")
 
 
 def _print_summary(directory: str, points: Sequence[dict[str, Any]] = ()) -> bool:
@@ -130,7 +160,7 @@ def _run_search(cfg: Any, *, address: str | None, resume: bool,
 
     directory = experiment_dir(cfg)
     _init_ray(address)
-    problem = _check_cluster_fits(cfg)
+    problem = _check_cluster_fits(cfg) or _check_shared_storage(cfg)
     if problem:
         return _fail(problem)
     if on_ready is not None:
@@ -214,7 +244,6 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     # Parquet only: neither Ray nor the search modules that import it are loaded here.
-    import pandas as pd
     import yaml
 
     from search.analysis import (
@@ -225,6 +254,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         leaderboard,
         load_experiment,
         param_importance,
+        sampled_params,
         summary,
     )
     from search.plots import write_plots
@@ -259,9 +289,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
               f"top-5 {best['best_top5']:.2f}%  epochs {best['epochs']}  "
               f"{best['gmacs']:.3f} GMACs")
         print("best config:")
-        for col in board.columns:
-            if col.startswith("config.") and pd.notna(best[col]):
-                print(f"  {col.removeprefix('config.')}: {best[col]}")
+        for name, value in sampled_params(exp, best["trial_id"]).items():
+            print(f"  {name}: {value}")
         if exp.config is None:
             print(f"(no {CONFIG_FILE} in {exp.directory}: best.yaml not written)")
         else:
@@ -285,8 +314,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                           importances=importances, images=images, out=out / "report.html",
                           top=args.top, best_yaml=best_yaml)
     written = (["best.yaml"] if best_yaml else []) + [report.name, "leaderboard.csv"]
-    print(f"\nwrote {', '.join(written)} and {len(images)} plots "
-          f"({', '.join(p.name for p in images.values())}) to {out}")
+    plots = f" ({', '.join(p.name for p in images.values())})" if images else ""
+    print(f"\nwrote {', '.join(written)} and {len(images)} plots{plots} to {out}")
     return EXIT_OK
 
 
@@ -323,6 +352,59 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if failures else EXIT_OK
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from search.jobs import JobsError, submit_search
+
+    overrides = list(args.set or [])
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.storage:
+        overrides.append(f"storage={args.storage}")
+    try:
+        job_id = submit_search(args.config, address=args.address, overrides=overrides,
+                               working_dir=args.working_dir)
+    except JobsError as err:
+        for line in str(err).splitlines():
+            print(f"ftsearch: {line}", file=sys.stderr)
+        return err.code
+    # stdout holds the id alone, for `JOB=$(ftsearch submit ...)`.
+    print(job_id, flush=True)
+    where = f" --address {args.address}" if args.address else ""
+    print(f"follow it: ftsearch jobs logs {job_id} --follow{where}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from search import jobs
+
+    try:
+        if args.action == "list":
+            for job in jobs.list_jobs(address=args.address):
+                print(f"{job.job_id}\t{job.status}\t{job.metadata.get('ftsearch.experiment', '-')}")
+            return EXIT_OK
+        if not args.job:
+            return _fail(f"jobs {args.action}: give the job id that `ftsearch submit` printed")
+        if args.action == "status":
+            job = (jobs.wait_for_job(args.job, address=args.address) if args.wait
+                   else jobs.job_status(args.job, address=args.address))
+            print(f"{job.job_id}\t{job.status}")
+            if job.message:
+                print(job.message)
+            return EXIT_FAILED if args.wait and job.status != "SUCCEEDED" else EXIT_OK
+        if args.action == "logs":
+            if args.follow:
+                for chunk in jobs.follow_logs(args.job, address=args.address):
+                    print(chunk, end="", flush=True)
+            else:
+                print(jobs.job_logs(args.job, address=args.address), end="")
+            return EXIT_OK
+        stopped = jobs.stop_job(args.job, address=args.address)
+        print(f"{args.job}: " + ("stop requested" if stopped else "was not running"))
+        return EXIT_OK
+    except jobs.JobsError as err:
+        return _fail(str(err), err.code)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,12 +415,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config field (repeatable)")
     run.add_argument("--name", help="experiment name (overrides `name`)")
     run.add_argument("--storage", help="results directory or URI (overrides `storage`)")
-    run.add_argument("--address", help="join an existing Ray cluster instead of a local one")
+    run.add_argument("--address", default=_job_address(),
+                     help="join an existing Ray cluster instead of a local one")
     run.set_defaults(func=_cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted experiment")
     resume.add_argument("directory", help="the experiment directory (<storage>/<name>)")
-    resume.add_argument("--address", help="join an existing Ray cluster instead of a local one")
+    resume.add_argument("--address", default=_job_address(),
+                        help="join an existing Ray cluster instead of a local one")
     resume.set_defaults(func=_cmd_resume)
 
     backbones = sub.add_parser("backbones", help="list the backbones")
@@ -365,6 +449,29 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("path", help="an image file, or a folder of images")
     predict.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
     predict.set_defaults(func=_cmd_predict)
+
+    submit = sub.add_parser("submit", help="run a search on a Ray cluster, as a Ray job")
+    submit.add_argument("config", help="experiment YAML file, inside the uploaded directory")
+    submit.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 "
+                                          "(default: $RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                        help="override a config field (repeatable)")
+    submit.add_argument("--name", help="experiment name (overrides `name`)")
+    submit.add_argument("--storage", help="results path on the cluster or URI (overrides "
+                                          "`storage`)")
+    submit.add_argument("--working-dir", help="directory uploaded as the job's working dir "
+                                              "(default: the ftsearch project)")
+    submit.set_defaults(func=_cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted search")
+    jobs.add_argument("action", choices=["status", "logs", "stop", "list"])
+    jobs.add_argument("job", nargs="?", help="the job id `ftsearch submit` printed")
+    jobs.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 "
+                                        "(default: $RAY_API_SERVER_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+    jobs.add_argument("--wait", action="store_true",
+                      help="status: wait until the job ends; exit 1 unless it SUCCEEDED")
+    jobs.set_defaults(func=_cmd_jobs)
     return parser
 
 

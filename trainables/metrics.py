@@ -15,6 +15,7 @@ __all__ = [
     "PARAMS",
     "PEAK_GPU_MB",
     "PEAK_RSS_MB",
+    "RESUMED_FROM",
     "SAMPLES_PER_S",
     "SECONDS",
     "TOP1",
@@ -36,8 +37,12 @@ GMACS = "gmacs"  # multiply-adds per image at the trial's resolution, in billion
 DIVERGED = "diverged"  # True in the last report of a trial whose loss went NaN/inf
 PEAK_RSS_MB = "peak_rss_mb"
 PEAK_GPU_MB = "peak_gpu_mb"
+# Epoch of the checkpoint the trial run restored (0: started fresh): evidence that a
+# retried or resumed trial continued from its checkpoint instead of from scratch.
+RESUMED_FROM = "resumed_from"
 
 # Keys that epochs.parquet records for every reported epoch.
 EPOCH_METRICS = (
     EPOCH, TRAIN_LOSS, VAL_LOSS, TOP1, TOP5, LR, SAMPLES_PER_S, SECONDS, PEAK_RSS_MB, PEAK_GPU_MB,
+    RESUMED_FROM,
 )
