@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Each demo run is a new experiment (runs/demo-<time>), so `make demo` can be repeated.
 demo: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/ftsearch run configs/demo.yaml
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/ftsearch run configs/demo.yaml \
+		--name demo-$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(BIN)/ruff check search trainables tests benchmarks

@@ -117,8 +117,17 @@ def preset_points(cfg: ExperimentConfig) -> list[dict[str, Any]] | None:
     return None
 
 
+def _cache_dir(cfg: ExperimentConfig) -> str:
+    # Frozen-stage activations (trainables/cache.py) are shared by the trials of a node:
+    # beside the results for local storage, in each node's home for remote storage.
+    if "://" in cfg.storage:
+        return f"~/.cache/ftsearch/frozen/{cfg.name}"
+    return str(Path(experiment_dir(cfg)) / ".cache")
+
+
 def _param_space(cfg: ExperimentConfig, points: list[dict[str, Any]] | None) -> dict[str, Any]:
     space = cfg.fixed()
+    space.setdefault("cache_dir", _cache_dir(cfg))  # `train.cache_dir: null` turns it off
     # Tune only lets preset points fill keys the param space already has.
     for point in points or ():
         space.update({k: None for k in point if k not in space})

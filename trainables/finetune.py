@@ -13,6 +13,8 @@ key is an error that names it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -32,6 +34,7 @@ from torch import nn
 
 from trainables import metrics as M
 from trainables.backbones import StagedNet, build_backbone, stage_count
+from trainables.cache import FeatureSet, FrozenFeatures, bypass_reason, frozen_features, say_once
 from trainables.data import DataSplits, ImageSet, load_data, preprocess
 from trainables.optim import (
     apply_lr_schedule,
@@ -102,6 +105,9 @@ TRIAL_DEFAULTS: dict[str, Any] = {
     "amp": True,  # bf16 autocast on CUDA
     "channels_last": True,  # on CUDA
     "compile": False,  # torch.compile the model
+    # Node-local directory of the frozen-stage cache (trainables/cache.py); None: no cache.
+    # Searches set it to <storage>/<name>/.cache.
+    "cache_dir": None,
 }
 
 # (metrics, checkpoint state) -> None. The state is what a resume needs.
@@ -158,6 +164,21 @@ def _pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _ray_trial_device(requested: str, *, assigned_gpus: float) -> str:
+    """The device of a Ray trial: CUDA only where Ray assigned it a GPU share."""
+    if requested != "auto":
+        return requested  # an explicit device wins; _pick_device warns if CUDA is missing
+    if assigned_gpus <= 0:
+        # No GPU reserved: taking a visible GPU anyway would collide with trials that did.
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    warnings.warn(f"Ray assigned this trial {assigned_gpus:g} GPU, but its node has no usable "
+                  f"CUDA device (torch.cuda.is_available() is False): the trial runs on CPU",
+                  RuntimeWarning, stacklevel=2)
+    return "cpu"
+
+
 @lru_cache(maxsize=2)
 def _cached_data(spec_json: str, seed: int) -> DataSplits:
     # One decode per worker process: reused actors and repeated trials share it.
@@ -170,21 +191,26 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 
 
 def evaluate(
-    model: nn.Module,
-    images: ImageSet,
+    model: StagedNet,
+    images: ImageSet | FeatureSet,
     *,
     resolution: int,
     batch_size: int,
     device: torch.device,
     amp: bool = False,
+    start: int = 0,
 ) -> dict[str, float]:
-    """Validation loss, top-1 and top-5 accuracy (percent) of ``model`` on ``images``."""
+    """Validation loss, top-1 and top-5 accuracy (percent) of ``model`` on ``images``.
+
+    With ``start`` > 0, ``images`` holds the cached outputs of the first ``start`` stages.
+    """
     model.eval()
     loss_sum, top1, top5, n = 0.0, 0, 0, 0
     with torch.no_grad(), _autocast(device, amp):
         for x, y in images.batches(batch_size=batch_size, shuffle=False, device=device):
-            x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std)
-            logits = model(x).float()
+            if start == 0:
+                x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std)
+            logits = model.forward_head(model.forward_stages(x, start)).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             top1 += _topk_correct(logits, y, 1)
             top5 += _topk_correct(logits, y, 5)
@@ -198,7 +224,21 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Starts the trial's peak-memory window, so a reused actor's earlier trials do not count."""
+    with contextlib.suppress(OSError):
+        # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS.
+        Path("/proc/self/clear_refs").write_text("5")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _peak_rss_mb() -> float:
+    """Peak RSS since :func:`_reset_peak_memory` (Linux); elsewhere the process's peak."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is KiB on Linux, bytes on macOS.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
@@ -227,6 +267,68 @@ def _unfrozen_at(cfg: Mapping[str, Any], epoch: int) -> bool:
     return at is not None and cfg["freeze_depth"] > 0 and epoch >= at
 
 
+class _Tail(nn.Module):
+    """``stages[start:]`` and the head: what runs on the frozen stages' cached outputs."""
+
+    def __init__(self, model: StagedNet, start: int) -> None:
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_stages(x, self.start))
+
+
+def _frozen_inputs(
+    cfg: Mapping[str, Any],
+    model: StagedNet,
+    *,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    data_key: str,
+    resolution: int,
+    device: torch.device,
+) -> FrozenFeatures | None:
+    """The frozen stages' outputs, computed once per node, when the cache applies."""
+    if not cfg["cache_dir"] or cfg["freeze_depth"] == 0:
+        return None
+    reason = bypass_reason(augment=cfg["augment"], unfreeze_at_epoch=cfg["unfreeze_at_epoch"])
+    if reason:
+        say_once(f"frozen-stage cache bypassed: {reason}")
+        return None
+    return frozen_features(
+        model, depth=cfg["freeze_depth"], train=train_set, val=val_set, resolution=resolution,
+        data_key=data_key, cache_dir=cfg["cache_dir"], device=device, amp=cfg["amp"],
+        channels_last=cfg["channels_last"], batch_size=cfg["eval_batch_size"])
+
+
+@lru_cache(maxsize=1)
+def _freeze_long_lived_objects() -> None:
+    # torch, Ray and their modules are ~500k long-lived objects; a full gc.collect() over them
+    # costs about half a second per trial. Frozen once per worker process, they are left out
+    # of every later collection, which then sees only what trials allocate.
+    gc.collect()
+    gc.freeze()
+
+
+def _release_memory(*, compiled: bool) -> None:
+    """Frees what a finished trial left behind, so a reused actor starts the next one clean."""
+    if compiled:
+        torch._dynamo.reset()  # compiled graphs hold the old model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    # glibc keeps freed heap pages mapped; handing them back makes the next trial's peak RSS
+    # its own and lets other processes on the node use the memory.
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def run_trial(
     config: Mapping[str, Any],
     *,
@@ -245,9 +347,11 @@ def run_trial(
     cfg = resolve_trial_config(config)
     torch.manual_seed(cfg["seed"])
     device = _pick_device(cfg["device"])
+    _reset_peak_memory(device)
 
     # --- data and model
-    data = _cached_data(json.dumps(cfg["data"], sort_keys=True), cfg["seed"])
+    data_key = json.dumps(cfg["data"], sort_keys=True)
+    data = _cached_data(data_key, cfg["seed"])
     model = build_model(cfg, num_classes=data.num_classes)
     resolution = model.resolution if cfg["phi"] is not None else (
         cfg["resolution"] or model.resolution)
@@ -261,7 +365,6 @@ def run_trial(
     if device.type == "cuda" and hasattr(train_set, "to"):
         # Small in-memory datasets live on the GPU: no host-to-device copy per batch.
         train_set, val_set = train_set.to(device), val_set.to(device)
-    forward = torch.compile(model) if cfg["compile"] else model
 
     # --- optimiser and schedule
     optimizer = build_optimizer(cfg["optimizer"], _groups(model, cfg), momentum=cfg["momentum"])
@@ -286,6 +389,16 @@ def run_trial(
             group["base_lr"] = base_lr
         torch.set_rng_state(state["torch_rng"])
 
+    # --- inputs: images, or the frozen stages' outputs computed once (trainables/cache.py)
+    start = 0
+    frozen = _frozen_inputs(cfg, model, train_set=train_set, val_set=val_set, data_key=data_key,
+                            resolution=resolution, device=device)
+    if frozen is not None:
+        train_set, val_set, start = frozen.train, frozen.val, frozen.start
+    forward = _Tail(model, start) if start else model
+    if cfg["compile"]:
+        forward = torch.compile(forward)
+
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg["epochs"] + 1):
         if cfg["unfreeze_at_epoch"] == epoch and _unfrozen_at(cfg, epoch):
@@ -306,9 +419,10 @@ def run_trial(
                 break
             apply_lr_schedule(optimizer, cosine_warmup_factor(
                 step, total_steps=total_steps, warmup_steps=warmup_steps))
-            x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std,
-                           augment=cfg["augment"], generator=gen)
-            if device.type == "cuda" and cfg["channels_last"]:
+            if start == 0:
+                x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std,
+                               augment=cfg["augment"], generator=gen)
+            if device.type == "cuda" and cfg["channels_last"] and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, cfg["amp"]):
                 loss = F.cross_entropy(forward(x).float(), y,
@@ -334,11 +448,12 @@ def run_trial(
             result[M.TRAIN_LOSS] = loss_sum / max(seen, 1)
             result.update(evaluate(model, val_set, resolution=resolution,
                                    batch_size=cfg["eval_batch_size"], device=device,
-                                   amp=cfg["amp"]))
+                                   amp=cfg["amp"], start=start))
         result[M.SAMPLES_PER_S] = seen / train_seconds if train_seconds > 0 else 0.0
         result[M.SECONDS] = time.perf_counter() - t0
         result[M.PEAK_RSS_MB] = _peak_rss_mb()
         result[M.PEAK_GPU_MB] = _peak_gpu_mb(device)
+        result[M.RESUMED_FROM] = start_epoch - 1
         checkpoint_state = {
             "epoch": epoch,
             "step": step,
@@ -366,9 +481,13 @@ def tune_trainable(config: dict[str, Any]) -> None:
 
     # One line per checkpoint from Ray's storage layer is noise in a search log.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    _freeze_long_lived_objects()
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    cpus = assigned.get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
+    device = _ray_trial_device(str(config.get("device", TRIAL_DEFAULTS["device"])),
+                               assigned_gpus=float(assigned.get("GPU", 0)))
     checkpoint = tune.get_checkpoint()
     state = None
     if checkpoint is not None:
@@ -383,4 +502,17 @@ def tune_trainable(config: dict[str, Any]) -> None:
             torch.save(checkpoint_state, Path(directory) / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
-    run_trial(config, report=report, state=state)
+    stopped = False
+    try:
+        run_trial({**config, "device": device}, report=report, state=state)
+    except SystemExit as stop:
+        # Tune stops a trial (a scheduler decision) by raising SystemExit(0) in report. Its
+        # traceback holds run_trial's frame, model and optimizer included: leave this block,
+        # which drops it, before releasing memory.
+        if stop.code not in (0, None):
+            raise
+        stopped = True
+    state = None
+    _release_memory(compiled=bool(config.get("compile")))
+    if stopped:
+        sys.exit(0)  # what Tune expects of a trial it stopped
