@@ -22,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -52,6 +53,7 @@ __all__ = [
     "EFFICIENTNET_KEYS",
     "TRIAL_DEFAULTS",
     "ReportFn",
+    "TrialError",
     "build_model",
     "evaluate",
     "load_checkpoint_state",
@@ -502,7 +504,7 @@ def tune_trainable(config: dict[str, Any]) -> None:
             torch.save(checkpoint_state, Path(directory) / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
-    stopped = False
+    stopped, failure = False, None
     try:
         run_trial({**config, "device": device}, report=report, state=state)
     except SystemExit as stop:
@@ -512,7 +514,24 @@ def tune_trainable(config: dict[str, Any]) -> None:
         if stop.code not in (0, None):
             raise
         stopped = True
+    except Exception as err:  # noqa: BLE001 - re-raised below, as text, once memory is freed
+        failure = _failure_text(err)
     state = None
     _release_memory(compiled=bool(config.get("compile")))
+    if failure is not None:
+        raise TrialError(failure)
     if stopped:
         sys.exit(0)  # what Tune expects of a trial it stopped
+
+
+class TrialError(RuntimeError):
+    """A trial's failure, carried as text so the failed trial's tensors can be freed first."""
+
+
+def _failure_text(err: BaseException) -> str:
+    text = "".join(traceback.format_exception(err)).rstrip()
+    if isinstance(err, torch.OutOfMemoryError):
+        text += ("\nOutOfMemoryError: CUDA out of memory; lower train.batch_size or "
+                 "resolution, or give each trial a larger GPU share (resources.gpu)")
+    # The last line is the one the results' `error` column puts first.
+    return text

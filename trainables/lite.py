@@ -59,7 +59,11 @@ _DROPOUT = 0.2
 _STOCHASTIC_DEPTH = 0.2
 # The weights come from TensorFlow, whose batch norm epsilon is 1e-3 (PyTorch: 1e-5).
 _BN_EPS = 1e-3
-_BN_MOMENTUM = 0.01
+# TensorFlow trained these with momentum 0.99 (PyTorch: 0.01), right for ImageNet-length runs.
+# Fine-tuning runs a few dozen steps on a small dataset: at 0.01 the running statistics barely
+# leave ImageNet's, so evaluation sees different activations than training. PyTorch's default,
+# as torchvision's EfficientNet-B0..B7 use, lets them follow the new data.
+_BN_MOMENTUM = 0.1
 
 
 class _Conv2dSame(nn.Conv2d):

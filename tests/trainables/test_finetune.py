@@ -109,3 +109,18 @@ def test_weights_mapping_picks_per_backbone():
         {"backbone": "resnet18", "weights": {"efficientnet_lite0": "packaged", "default": "none"}}
     )
     assert cfg["weights"] == "none"
+
+
+def test_failure_text_keeps_the_traceback_and_explains_out_of_memory():
+    from trainables.finetune import _failure_text
+
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.OutOfMemoryError as err:
+        text = _failure_text(err)
+    assert "Tried to allocate 2.00 GiB" in text and "Traceback" in text
+    assert text.splitlines()[-1].startswith("OutOfMemoryError") and "batch_size" in text
+    try:
+        raise ValueError("bad weights")
+    except ValueError as err:
+        assert _failure_text(err).splitlines()[-1] == "ValueError: bad weights"
