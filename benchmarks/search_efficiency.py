@@ -198,6 +198,7 @@ def run(*, smoke: bool = False) -> Section:
             f"{', '.join(str(runs[method, s]['trials']) for s in SEEDS)} |")
     ranked = sorted(table.items(), key=lambda kv: -max(kv[1]))
     top = "; ".join(f"{dict(k)} → {max(c):.1f}" for k, c in ranked[:3])
+    why = _why_missed(needed("tpe_asha"), budget=budget, top=ranked[0])
     section.body = "\n".join([
         __doc__.split("\n\n", 1)[1].strip(),
         "",
@@ -217,6 +218,7 @@ def run(*, smoke: bool = False) -> Section:
         "seeded and deterministic, so a search that revisits a point (samplers may) pays "
         "its epochs again and gets the same curve. Trial counts above the grid's come from "
         "ASHA stopping most trials after 1 or 2 epochs.",
+        *(["", why] if why else []),
     ])
     section.seconds = time.perf_counter() - t0
     return section
@@ -233,3 +235,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _why_missed(needed: list[float], *, budget: int, top: tuple) -> str:
+    """A sentence on the seeds that missed the goal, or nothing when every seed met it."""
+    shares = [n / budget for n in needed]
+    missed = [f"seed {s} ({'not reached' if sh == float('inf') else f'{sh:.0%}'})"
+              for s, sh in zip(SEEDS, shares, strict=True) if sh > GOAL_FRACTION]
+    if not missed:
+        return ""
+    met = [sh for sh in shares if sh <= GOAL_FRACTION]
+    return (f"Why the goal is missed: {', '.join(missed)} needed more than "
+            f"{GOAL_FRACTION:.0%} of the grid's epochs, while {len(met)} of {len(SEEDS)} seeds "
+            f"met it. The grid's best point is {dict(top[0])}; the likely cause (not proven) is "
+            f"that a seed whose startup trials miss its neighbourhood spends budget refining "
+            f"the next-best region first. Nothing was tuned to pass: the benchmark uses the "
+            f"demo's own search settings (seeded multivariate TPE, ASHA grace 1, reduction "
+            f"factor 2).")
