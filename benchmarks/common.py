@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -32,6 +33,7 @@ __all__ = [
     "median",
     "single_thread",
     "stop_ray",
+    "run_as_script",
     "timed",
 ]
 
@@ -204,3 +206,13 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def run_as_script(run: Callable[..., Section], *, doc: str | None) -> None:
+    """``python -m benchmarks.<name> [--smoke]``: runs one benchmark and prints its section."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
+    section = run(smoke=parser.parse_args().smoke)
+    print(section.body)
+    for figure in section.figures:
+        print(figure)

@@ -10,7 +10,6 @@ after 3 warm-up steps, for the demo's backbone at several freeze depths.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DEMO_DATA, Figure, Section, load_average, single_thread
+from benchmarks.common import DEMO_DATA, Figure, Section, load_average, run_as_script, single_thread
 
 __all__ = ["measure", "run"]
 
@@ -124,12 +123,7 @@ def run(*, smoke: bool = False) -> Section:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    section = run(smoke=parser.parse_args().smoke)
-    print(section.body)
-    for figure in section.figures:
-        print(figure)
+    run_as_script(run, doc=__doc__)
 
 
 if __name__ == "__main__":

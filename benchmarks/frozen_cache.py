@@ -14,7 +14,6 @@ thread, a batch of 32 at 64 px, frozen part vs the whole step) for three backbon
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from benchmarks.common import (
     Section,
     load_average,
     median,
+    run_as_script,
     single_thread,
 )
 
@@ -212,12 +212,7 @@ def _verdict(half: dict[str, Any], bounds: dict[tuple[str, int], float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    section = run(smoke=parser.parse_args().smoke)
-    print(section.body)
-    for figure in section.figures:
-        print(figure)
+    run_as_script(run, doc=__doc__)
 
 
 if __name__ == "__main__":

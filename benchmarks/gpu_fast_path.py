@@ -17,7 +17,6 @@ code path on the CPU at toy sizes so it keeps working.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import tempfile
 import time
@@ -36,6 +35,7 @@ from benchmarks.common import (
     load_average,
     local_ray,
     median,
+    run_as_script,
 )
 
 __all__ = ["bare_loop", "packing", "run", "trial_throughput"]
@@ -202,12 +202,7 @@ def run(*, smoke: bool = False) -> Section:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, seconds")
-    section = run(smoke=parser.parse_args().smoke)
-    print(section.body)
-    for figure in section.figures:
-        print(figure)
+    run_as_script(run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ with pretrained weights: feature extraction (all 9 stages frozen, head lr 0.1, b
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from benchmarks.common import Figure, Section, fmt_spread, load_average
+from benchmarks.common import Figure, Section, fmt_spread, load_average, run_as_script
 
 __all__ = ["ARMS", "run"]
 
@@ -101,12 +100,7 @@ def _note(scratch: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    section = run(smoke=parser.parse_args().smoke)
-    print(section.body)
-    for figure in section.figures:
-        print(figure)
+    run_as_script(run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ after trial N+1 must not grow with N.
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 import time
@@ -30,6 +29,7 @@ from benchmarks.common import (
     experiment,
     load_average,
     local_ray,
+    run_as_script,
     timed,
 )
 
@@ -265,12 +265,7 @@ def _verdict(per_trial: float, parts: dict[str, float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    section = run(smoke=parser.parse_args().smoke)
-    print(section.body)
-    for figure in section.figures:
-        print(figure)
+    run_as_script(run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ within the budget, and the epochs each needed to get within 1 point of the grid'
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import tempfile
 import time
@@ -29,7 +28,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MISS, Figure, Section, experiment, fmt_spread, load_average
+from benchmarks.common import (
+    MISS,
+    Figure,
+    Section,
+    experiment,
+    fmt_spread,
+    load_average,
+    run_as_script,
+)
 
 __all__ = ["build_table", "replay", "run"]
 
@@ -225,12 +232,7 @@ def run(*, smoke: bool = False) -> Section:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    section = run(smoke=parser.parse_args().smoke)
-    print(section.body)
-    for figure in section.figures:
-        print(figure)
+    run_as_script(run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ that load from other processes hits both alike.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from benchmarks.common import (
     load_average,
     local_ray,
     median,
+    run_as_script,
     single_thread,
     timed,
 )
@@ -148,12 +148,7 @@ def _list(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    section = run(smoke=parser.parse_args().smoke)
-    print(section.body)
-    for figure in section.figures:
-        print(figure)
+    run_as_script(run, doc=__doc__)
 
 
 if __name__ == "__main__":
