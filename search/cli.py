@@ -175,15 +175,21 @@ def _run_search(cfg: Any, *, address: str | None, resume: bool,
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from search.config import ConfigError, dump_config, load_config
-    from search.tuner import experiment_dir
-
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items, then ``--name`` and ``--storage`` as the overrides they stand for."""
     overrides = list(args.set or [])
     if args.name:
         overrides.append(f"name={args.name}")
     if args.storage:
         overrides.append(f"storage={args.storage}")
+    return overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from search.config import ConfigError, dump_config, load_config
+    from search.tuner import experiment_dir
+
+    overrides = _overrides(args)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
@@ -355,11 +361,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from search.jobs import JobsError, submit_search
 
-    overrides = list(args.set or [])
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.storage:
-        overrides.append(f"storage={args.storage}")
+    overrides = _overrides(args)
     try:
         job_id = submit_search(args.config, address=args.address, overrides=overrides,
                                working_dir=args.working_dir)

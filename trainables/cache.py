@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from trainables.imagesets import ImageSet, epoch_order
+from trainables.imagesets import ImageSet, indexed_batches
 from trainables.stagednet import StagedNet
 from trainables.transforms import preprocess
 
@@ -95,16 +95,9 @@ class FeatureSet:
         drop_last: bool = False,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Iterate once, with the arguments and batch order of ``ImageSet.batches``."""
-        # The image sets' own permutation, so a cached epoch visits the same batches.
-        order = epoch_order(len(self), shuffle=shuffle, seed=seed).to(self.features.device)
-        for start in range(0, len(self), batch_size):
-            index = order[start : start + batch_size]
-            if drop_last and index.numel() < batch_size:
-                break
-            yield (
-                self.features[index].to(device, non_blocking=True),
-                self.labels[index].to(device, non_blocking=True),
-            )
+        # The image sets' own batching, so a cached epoch visits the same batches.
+        return indexed_batches(self.features, self.labels, batch_size=batch_size,
+                               shuffle=shuffle, seed=seed, device=device, drop_last=drop_last)
 
 
 @dataclass(frozen=True)

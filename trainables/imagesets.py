@@ -31,6 +31,7 @@ __all__ = [
     "StreamingImageSet",
     "TensorPool",
     "epoch_order",
+    "indexed_batches",
 ]
 
 
@@ -117,16 +118,8 @@ class InMemoryImageSet(ImageSet):
         device: torch.device | str = "cpu",
         drop_last: bool = False,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        _check_batch_size(batch_size)
-        order = epoch_order(len(self), shuffle=shuffle, seed=seed).to(self.images.device)
-        for start in range(0, len(self), batch_size):
-            index = order[start : start + batch_size]
-            if drop_last and index.numel() < batch_size:
-                break
-            yield (
-                self.images[index].to(device, non_blocking=True),
-                self.labels[index].to(device, non_blocking=True),
-            )
+        return indexed_batches(self.images, self.labels, batch_size=batch_size, shuffle=shuffle,
+                               seed=seed, device=device, drop_last=drop_last)
 
 
 @dataclass
@@ -230,6 +223,32 @@ Pool = TensorPool | StreamPool
 
 
 # --------------------------------------------------------------------------- batching helpers
+
+
+def indexed_batches(
+    data: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    device: torch.device | str,
+    drop_last: bool,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch over tensors held whole (images or cached activations), by indexing.
+
+    Uses :func:`epoch_order`, so every in-memory set visits the same batches for a seed.
+    """
+    _check_batch_size(batch_size)
+    order = epoch_order(len(labels), shuffle=shuffle, seed=seed).to(data.device)
+    for start in range(0, len(labels), batch_size):
+        index = order[start : start + batch_size]
+        if drop_last and index.numel() < batch_size:
+            break
+        yield (
+            data[index].to(device, non_blocking=True),
+            labels[index].to(device, non_blocking=True),
+        )
 
 
 def _check_batch_size(batch_size: int) -> None:
