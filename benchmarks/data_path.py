@@ -49,21 +49,21 @@ def measure(trial: dict[str, Any], *, steps: int = 30, warmup: int = 3,
 
     cfg = resolve_trial_config(trial)
     dev = torch.device(device)
-    torch.manual_seed(cfg["seed"])
-    data = load_data(cfg["data"], seed=cfg["seed"])
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, seed=cfg.seed)
     model = build_model(cfg, num_classes=data.num_classes)
-    freeze_stages(model, cfg["freeze_depth"])
+    freeze_stages(model, cfg.freeze_depth)
     model.to(dev)
     train = data.train.to(dev) if dev.type == "cuda" else data.train
-    optimizer = build_optimizer(cfg["optimizer"], param_groups(
-        model, lr=cfg["lr"], lr_scale=cfg["lr_scale"], weight_decay=cfg["weight_decay"],
-        freeze_depth=cfg["freeze_depth"]), momentum=cfg["momentum"])
-    set_train_mode(model, cfg["freeze_depth"])
+    optimizer = build_optimizer(cfg.optimizer, param_groups(
+        model, lr=cfg.lr, lr_scale=cfg.lr_scale, weight_decay=cfg.weight_decay,
+        freeze_depth=cfg.freeze_depth), momentum=cfg.momentum)
+    set_train_mode(model, cfg.freeze_depth)
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for epoch in itertools.count():
-            yield from train.batches(batch_size=cfg["batch_size"], shuffle=True, seed=epoch,
+            yield from train.batches(batch_size=cfg.batch_size, shuffle=True, seed=epoch,
                                      device=dev, drop_last=True)
 
     stream = batches()
@@ -72,8 +72,8 @@ def measure(trial: dict[str, Any], *, steps: int = 30, warmup: int = 3,
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             x, y = next(stream)
-            x = preprocess(x, resolution=cfg["resolution"], mean=model.mean, std=model.std,
-                           augment=cfg["augment"], generator=gen)
+            x = preprocess(x, resolution=cfg.resolution, mean=model.mean, std=model.std,
+                           augment=cfg.augment, generator=gen)
             _sync(dev)
             t1 = time.perf_counter()
             loss = F.cross_entropy(model(x), y)

@@ -63,16 +63,16 @@ def _build(config: dict[str, Any], cache_dir: str) -> tuple[float, int]:
     from trainables.optim import freeze_stages
 
     cfg = resolve_trial_config(config)
-    torch.manual_seed(cfg["seed"])
-    data = load_data(cfg["data"], seed=cfg["seed"])
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, seed=cfg.seed)
     model = build_model(cfg, num_classes=data.num_classes)
-    freeze_stages(model, cfg["freeze_depth"])
+    freeze_stages(model, cfg.freeze_depth)
     with single_thread():
         t0 = time.perf_counter()
-        frozen_features(model, depth=cfg["freeze_depth"], train=data.train, val=data.val,
-                        resolution=cfg["resolution"] or model.resolution,
-                        data_key=json.dumps(cfg["data"], sort_keys=True), cache_dir=cache_dir,
-                        device=torch.device("cpu"), batch_size=cfg["eval_batch_size"])
+        frozen_features(model, depth=cfg.freeze_depth, train=data.train, val=data.val,
+                        resolution=cfg.input_resolution(),
+                        data_key=json.dumps(cfg.data, sort_keys=True), cache_dir=cache_dir,
+                        device=torch.device("cpu"), batch_size=cfg.eval_batch_size)
         return time.perf_counter() - t0, len(data.train)
 
 
@@ -113,7 +113,7 @@ def measure(trial: dict[str, Any], depth: int) -> dict[str, Any]:
 def ceiling(backbone: str, depth: int, *, resolution: int = 64, batch: int = 32,
             reps: int = 3) -> float:
     """Best possible cache speed-up of a training step: whole step / step minus frozen part."""
-    from trainables.backbones import build_backbone
+    from trainables.models import build_backbone
     from trainables.optim import freeze_stages, set_train_mode
 
     torch.manual_seed(0)

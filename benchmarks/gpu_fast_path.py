@@ -63,7 +63,7 @@ def _sync(device: torch.device) -> None:
 def bare_loop(backbone: str, *, resolution: int = 224, batch: int = 128, steps: int = 50,
               device: str = "cuda", compile: bool = False, warmup: int = 10) -> float:
     """Training images/s of a bare bf16 + channels_last loop on synthetic GPU batches."""
-    from trainables.backbones import build_backbone
+    from trainables.models import build_backbone
 
     dev = torch.device(device)
     torch.manual_seed(0)

@@ -12,47 +12,38 @@ from __future__ import annotations
 import copy
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
+from search import contract as C
 from search.config import Distribution
-from search.store import EPOCHS_FILE, SCHEMA_VERSION, STATUSES, TRIALS_FILE
 
 __all__ = [
-    "FINISHED",
     "AnalysisError",
     "Experiment",
-    "Importance",
     "best_config",
-    "best_trial",
     "format_leaderboard",
     "leaderboard",
     "leaderboard_table",
     "load_experiment",
-    "param_importance",
-    "pareto_mask",
+    "py_value",
+    "run_summary",
     "sampled_params",
     "summary",
     "trial_config",
 ]
 
-CONFIG_FILE = "config.yaml"
-# Trials whose top-1 is an outcome of their config (a diverged one says "lr too high").
-FINISHED = ("TERMINATED", "STOPPED_EARLY", "DIVERGED")
-# Trials that can be rerun or exported as "the best": they ended cleanly.
-_SELECTABLE = ("TERMINATED", "STOPPED_EARLY")
+# What analysis needs of each file; older files may lack later columns.
 _TRIAL_COLUMNS = ("trial_id", "status", "best_top1", "last_top1", "best_top5", "epochs", "gmacs",
                   "train_seconds", "checkpoint")
 _EPOCH_COLUMNS = ("trial_id", "epoch", "top1")
@@ -111,9 +102,11 @@ def _read_parquet(path: Path, required: Sequence[str]) -> pd.DataFrame:
     except (pa.ArrowException, OSError) as err:
         raise AnalysisError(f"{path}: unreadable Parquet file ({err})") from None
     version = (table.schema.metadata or {}).get(b"ftsearch.schema_version", b"").decode()
-    if version and version != SCHEMA_VERSION:
+    if version and version not in C.READABLE_SCHEMA_VERSIONS:
         raise AnalysisError(f"{path}: results schema version {version}, this ftsearch reads "
-                            f"version {SCHEMA_VERSION}")
+                            f"versions {', '.join(C.READABLE_SCHEMA_VERSIONS)}")
+    if "flops" in table.column_names:  # version 1: multiply-adds, the same as gmacs * 1e9
+        table = table.drop(["flops"])
     missing = [c for c in required if c not in table.column_names]
     if missing:
         raise AnalysisError(f"{path}: missing column(s) {missing}; not an ftsearch results file")
@@ -126,7 +119,7 @@ def _started(directory: Path) -> datetime | None:
                     if (m := _STARTED.search(p.name)))
     if stamps:
         return datetime.strptime(stamps[0], "%Y-%m-%d_%H-%M-%S")
-    first = directory / CONFIG_FILE if (directory / CONFIG_FILE).exists() else None
+    first = directory / C.CONFIG_FILE if (directory / C.CONFIG_FILE).exists() else None
     return datetime.fromtimestamp(first.stat().st_mtime) if first else None
 
 
@@ -139,26 +132,26 @@ def load_experiment(directory: str | Path) -> Experiment:
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise AnalysisError(f"{directory}: not a directory")
-    trials = _read_parquet(directory / TRIALS_FILE, _TRIAL_COLUMNS)
-    epochs = _read_parquet(directory / EPOCHS_FILE, _EPOCH_COLUMNS)
+    trials = _read_parquet(directory / C.TRIALS_FILE, _TRIAL_COLUMNS)
+    epochs = _read_parquet(directory / C.EPOCHS_FILE, _EPOCH_COLUMNS)
     config = None
-    if (directory / CONFIG_FILE).is_file():
+    if (directory / C.CONFIG_FILE).is_file():
         try:
-            config = yaml.safe_load((directory / CONFIG_FILE).read_text())
+            config = yaml.safe_load((directory / C.CONFIG_FILE).read_text())
         except yaml.YAMLError as err:
-            raise AnalysisError(f"{directory / CONFIG_FILE}: not valid YAML ({err})") from None
+            raise AnalysisError(f"{directory / C.CONFIG_FILE}: not valid YAML ({err})") from None
         if not isinstance(config, dict):
-            raise AnalysisError(f"{directory / CONFIG_FILE}: not a config mapping")
+            raise AnalysisError(f"{directory / C.CONFIG_FILE}: not a config mapping")
     exp = Experiment(name=str((config or {}).get("name") or directory.name), directory=directory,
                      trials=trials, epochs=epochs, config=config, started=_started(directory))
     try:
         exp.space  # noqa: B018 - validate once here, so later steps can rely on it
     except ValidationError as err:
-        raise AnalysisError(f"{directory / CONFIG_FILE}: bad space ({err})") from None
+        raise AnalysisError(f"{directory / C.CONFIG_FILE}: bad space ({err})") from None
     return exp
 
 
-def _py(value: Any) -> Any:
+def py_value(value: Any) -> Any:
     """A plain Python value, None for a missing one (NaN, NA, None)."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return None
@@ -184,14 +177,8 @@ def leaderboard(experiments: Sequence[Experiment]) -> pd.DataFrame:
     return board[first + [c for c in board.columns if c not in first]]
 
 
-def best_trial(board: pd.DataFrame) -> pd.Series | None:
-    """The leaderboard's best trial that ended cleanly (TERMINATED or STOPPED_EARLY)."""
-    ok = board[board["status"].isin(_SELECTABLE) & board["best_top1"].notna()]
-    return None if ok.empty else ok.iloc[0]
-
-
 def _fmt(value: Any, spec: str) -> str:
-    value = _py(value)
+    value = py_value(value)
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -222,7 +209,7 @@ def format_leaderboard(board: pd.DataFrame, *, top: int | None = None) -> str:
     return leaderboard_table(board, top=top).to_string(index=False)
 
 
-# --------------------------------------------------------------------------- summary, Pareto
+# --------------------------------------------------------------------------- summary
 
 
 def summary(experiment: Experiment) -> dict[str, Any]:
@@ -234,28 +221,10 @@ def summary(experiment: Experiment) -> dict[str, Any]:
         "directory": str(experiment.directory),
         "started": experiment.started,
         "trials": len(trials),
-        "by_status": {s: int(counts.get(s, 0)) for s in STATUSES},
+        "by_status": {s: int(counts.get(s, 0)) for s in C.STATUSES},
         "trial_seconds": float(trials["train_seconds"].fillna(0).sum()),
-        "best": best_trial(leaderboard([experiment])),
+        "best": C.best_trial(leaderboard([experiment])),
     }
-
-
-def pareto_mask(cost: Sequence[float], score: Sequence[float]) -> np.ndarray:
-    """Which points no other point beats (cost no higher, score no lower, one strictly).
-
-    NaN points are never on the front. O(n log n): one sweep in increasing cost.
-    """
-    cost, score = np.asarray(cost, dtype=float), np.asarray(score, dtype=float)
-    mask = np.zeros(len(cost), dtype=bool)
-    valid = np.flatnonzero(~(np.isnan(cost) | np.isnan(score)))
-    best_before = -math.inf  # best score among strictly cheaper points
-    for c in np.unique(cost[valid]):
-        group = valid[cost[valid] == c]
-        top = score[group].max()
-        if top > best_before:
-            mask[group[score[group] == top]] = True
-            best_before = top
-    return mask
 
 
 # --------------------------------------------------------------------------- best config
@@ -274,7 +243,7 @@ def best_config(experiment: Experiment, trial: Mapping[str, Any]) -> dict[str, A
         AnalysisError: The experiment has no ``config.yaml``.
     """
     if experiment.config is None:
-        raise AnalysisError(f"{experiment.directory / CONFIG_FILE}: missing; best.yaml needs "
+        raise AnalysisError(f"{experiment.directory / C.CONFIG_FILE}: missing; best.yaml needs "
                             f"the experiment's config")
     raw = copy.deepcopy(experiment.config)
     sampled = sampled_params(experiment, trial["trial_id"])
@@ -307,9 +276,9 @@ def sampled_params(experiment: Experiment, trial_id: str) -> dict[str, Any]:
     """
     rows = experiment.trials[experiment.trials["trial_id"] == trial_id]
     if rows.empty:
-        raise AnalysisError(f"{experiment.directory / TRIALS_FILE}: no trial {trial_id!r}")
+        raise AnalysisError(f"{experiment.directory / C.TRIALS_FILE}: no trial {trial_id!r}")
     row = rows.iloc[0]
-    values = {c.removeprefix("config."): _py(row[c]) for c in rows.columns
+    values = {c.removeprefix("config."): py_value(row[c]) for c in rows.columns
               if c.startswith("config.")}
     return {k: v for k, v in values.items() if v is not None}
 
@@ -323,99 +292,57 @@ def trial_config(experiment: Experiment, trial: Mapping[str, Any]) -> dict[str, 
             "seed": raw.get("seed", 0), **sampled}
 
 
-# --------------------------------------------------------------------------- importance
+# --------------------------------------------------------------------------- run summary
 
 
-@dataclass
-class Importance:
-    """Hyperparameter importance of one experiment for best top-1.
+def _matching_trial(trials: pd.DataFrame, point: Mapping[str, Any]) -> pd.Series | None:
+    """The trial whose searched values equal ``point`` (a points_to_evaluate entry)."""
+    for _, row in trials.iterrows():
+        same = True
+        for key, value in point.items():
+            got = py_value(row.get(C.config_column(key)))
+            if isinstance(value, float) and isinstance(got, float):
+                same &= math.isclose(value, got, rel_tol=1e-9)
+            else:
+                same &= got == value
+        if same:
+            return row
+    return None
 
-    Attributes:
-        experiment: Experiment name.
-        finished: Finished trials used (TERMINATED, STOPPED_EARLY, DIVERGED).
-        values: Evaluator name -> parameter -> importance (summing to 1).
-        messages: Why an evaluator gave no numbers (too few trials...).
+
+def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
+                ) -> tuple[list[str], bool]:
+    """The end-of-run summary of an experiment, and whether any trial produced a result.
+
+    Counts by status, the best trial (:func:`search.contract.best_trial`) and its config,
+    the gain over warm-start points; when nothing finished, the first error, once.
     """
-
-    experiment: str
-    finished: int
-    values: dict[str, dict[str, float]] = field(default_factory=dict)
-    messages: list[str] = field(default_factory=list)
-
-
-def _distribution(name: str, values: pd.Series, space: Mapping[str, Distribution]
-                  ) -> optuna.distributions.BaseDistribution:
-    spec = space.get("freeze_depth" if name == "freeze_fraction" else name)
-    observed = [_py(v) for v in values.dropna().unique()]
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in observed)
-    if (spec is None or spec.type == "choice") and not (spec is None and numeric):
-        return optuna.distributions.CategoricalDistribution(sorted(observed, key=str))
-    # The declared range, widened to what was observed (a grid rounds, gamma is derived).
-    bounds = [b for b in ((spec.low, spec.high) if spec else ()) if b is not None] + observed
-    low, high = min(bounds), max(bounds)
-    if all(isinstance(v, int) for v in observed) or (spec is not None and spec.type == "int"):
-        return optuna.distributions.IntDistribution(int(low), int(high))
-    log = spec.type == "loguniform" if spec else low > 0 and high / low >= 100
-    return optuna.distributions.FloatDistribution(low, high, log=log)
-
-
-def _study(experiment: Experiment, finished: pd.DataFrame) -> optuna.Study:
-    params = [p for p in experiment.params if experiment.trials[f"config.{p}"].notna().any()]
-    space = experiment.space
-    dists = {p: _distribution(p, experiment.trials[f"config.{p}"], space) for p in params}
-    study = optuna.create_study(direction="maximize")
-    trials = []
-    for _, row in finished.iterrows():
-        values = {p: _py(row[f"config.{p}"]) for p in params}
-        present = {p: v for p, v in values.items() if v is not None}  # conditional ones
-        trials.append(optuna.trial.create_trial(
-            params=present, distributions={p: dists[p] for p in present},
-            value=float(row["best_top1"])))
-    study.add_trials(trials)
-    return study
-
-
-def param_importance(experiment: Experiment, *, min_trials: int = 5,
-                     fanova_min_trials: int = 20, seed: int = 0) -> Importance:
-    """PED-ANOVA (and fANOVA from ``fanova_min_trials`` finished trials) importance for top-1.
-
-    The study is rebuilt from ``trials.parquet``: one completed Optuna trial
-    per finished trial, valued by its best top-1, with the config's
-    distributions. fANOVA only assesses parameters every trial sampled; its
-    random forest ranks a pure-noise parameter near the one that matters below
-    about 20 trials, hence its higher threshold.
-    """
-    trials = experiment.trials
-    finished = trials[trials["status"].isin(FINISHED) & trials["best_top1"].notna()]
-    result = Importance(experiment=experiment.name, finished=len(finished))
-    if not experiment.params:
-        result.messages.append("no searched parameter in trials.parquet")
-        return result
-    if len(finished) < min_trials:
-        result.messages.append(
-            f"too few finished trials for importance: {len(finished)} finished "
-            f"({', '.join(FINISHED)}), at least {min_trials} needed")
-        return result
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _study(experiment, finished)
-    n = len(finished)
-    evaluators: dict[str, optuna.importance.BaseImportanceEvaluator] = {
-        # Top set of at least two trials: one trial has no distribution to compare.
-        "PED-ANOVA": optuna.importance.PedAnovaImportanceEvaluator(
-            target_quantile=min(0.5, max(0.1, 2 / n))),
-    }
-    if n >= fanova_min_trials:
-        evaluators["fANOVA"] = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-    else:
-        result.messages.append(f"fANOVA: too few finished trials ({n}, at least "
-                               f"{fanova_min_trials} needed)")
-    for name, evaluator in evaluators.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "experimental", "importances will be equal"
-            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
-        result.values[name] = {p: float(values[p]) for p in experiment.params if p in values}
-        left_out = [p for p in experiment.params if p not in values]
-        if left_out:
-            result.messages.append(f"{name}: {left_out} not assessed (not sampled by every "
-                                   f"trial)")
-    return result
+    directory = Path(directory)
+    trials = _read_parquet(directory / C.TRIALS_FILE, ("trial_id", "status", "error"))
+    counts = trials["status"].value_counts().to_dict()
+    lines = ["", f"trials: {len(trials)} (" + ", ".join(
+        f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")"]
+    best = C.best_trial(trials)
+    if best is None:
+        errors = trials["error"].dropna()
+        if not errors.empty:
+            lines.append("no trial finished; first error:\n" + errors.iloc[0])
+        else:
+            lines.append("no trial finished")
+        return lines, False
+    lines.append(f"best trial: {best['trial_id']}  top-1 {best['best_top1']:.2f}%  "
+                 f"top-5 {best['best_top5']:.2f}%  epochs {best['epochs']}  "
+                 f"{best['gmacs']:.3f} GMACs  {best['params'] / 1e6:.2f}M params")
+    lines.append("best config:")
+    lines += [f"  {c.removeprefix(C.CONFIG_PREFIX)}: {best[c]}" for c in trials.columns
+              if c.startswith(C.CONFIG_PREFIX) and py_value(best[c]) is not None]
+    finished = trials[trials["status"].isin(C.SELECTABLE) & trials["best_top1"].notna()]
+    for point in points:
+        baseline = _matching_trial(finished, point)
+        if baseline is not None:
+            gain = best["best_top1"] - baseline["best_top1"]
+            lines.append(f"warm-start baseline {baseline['trial_id']}: top-1 "
+                         f"{baseline['best_top1']:.2f}% -> best {best['best_top1']:.2f}% "
+                         f"({gain:+.2f} points)")
+    lines.append(f"experiment directory: {directory}")
+    return lines, True

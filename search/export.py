@@ -20,21 +20,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from search.analysis import (
-    AnalysisError,
-    best_trial,
-    leaderboard,
-    load_experiment,
-    trial_config,
-)
-from trainables.backbones import StagedNet, build_backbone
+from search import contract as C
+from search.analysis import AnalysisError, leaderboard, load_experiment, trial_config
 from trainables.data import IMAGE_EXTENSIONS, load_data, preprocess
-from trainables.finetune import (
-    EFFICIENTNET_KEYS,
-    build_model,
-    load_checkpoint_state,
-    resolve_trial_config,
-)
+from trainables.finetune import build_model, load_checkpoint_state, resolve_trial_config
+from trainables.models import StagedNet, build_backbone
+from trainables.runtime import TrialSetupError
 
 __all__ = [
     "FORMAT",
@@ -57,7 +48,7 @@ class ModelFileError(ValueError):
 
 def _checkpoint_dir(directory: Path, recorded: Any, trial_id: str) -> Path:
     if not isinstance(recorded, str) or not recorded:
-        raise AnalysisError(f"{directory / 'trials.parquet'}: trial {trial_id} has no checkpoint")
+        raise AnalysisError(f"{directory / C.TRIALS_FILE}: trial {trial_id} has no checkpoint")
     path = Path(recorded)
     if not path.is_dir():
         # The experiment was moved or copied: the trial folder keeps its place under it.
@@ -71,7 +62,7 @@ def _checkpoint_dir(directory: Path, recorded: Any, trial_id: str) -> Path:
 
 def _class_names(cfg: Mapping[str, Any], num_classes: int) -> list[str]:
     try:
-        names = load_data(cfg["data"], seed=cfg["seed"]).class_names
+        names = load_data(cfg.data, seed=cfg.seed).class_names
     except (ValueError, OSError) as err:  # data not reachable from this machine
         warnings.warn(f"class names unavailable ({err}); using class indices", stacklevel=3)
         return [str(i) for i in range(num_classes)]
@@ -87,16 +78,6 @@ def _head_outputs(state_dict: Mapping[str, torch.Tensor]) -> int:
     if not heads:
         raise AnalysisError("checkpoint: no classifier weight (head.*.weight) in its model")
     return int(heads[-1].shape[0])
-
-
-def _backbone_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    # What trainables.finetune.build_model passes to the free efficientnet.
-    if cfg["backbone"] != "efficientnet":
-        return {}
-    kwargs = {k: cfg[k] for k in EFFICIENTNET_KEYS if cfg[k] is not None}
-    if cfg["resolution"] is not None and cfg["phi"] is None:
-        kwargs["resolution"] = cfg["resolution"]
-    return kwargs
 
 
 def export_model(directory: str | Path, *, out: str | Path,
@@ -117,14 +98,14 @@ def export_model(directory: str | Path, *, out: str | Path,
     exp = load_experiment(directory)
     board = leaderboard([exp])
     if trial_id is None:
-        row = best_trial(board)
+        row = C.best_trial(board)
         if row is None:
-            raise AnalysisError(f"{exp.directory / 'trials.parquet'}: no finished trial to "
+            raise AnalysisError(f"{exp.directory / C.TRIALS_FILE}: no finished trial to "
                                 f"export")
     else:
         match = board[board["trial_id"] == trial_id]
         if match.empty:
-            raise AnalysisError(f"{exp.directory / 'trials.parquet'}: no trial {trial_id!r}; "
+            raise AnalysisError(f"{exp.directory / C.TRIALS_FILE}: no trial {trial_id!r}; "
                                 f"trials are {sorted(board['trial_id'])}")
         row = match.iloc[0]
     ckpt = _checkpoint_dir(exp.directory, row["checkpoint"], row["trial_id"])
@@ -132,14 +113,18 @@ def export_model(directory: str | Path, *, out: str | Path,
         state = load_checkpoint_state(ckpt)
     except Exception as err:  # torch raises many kinds for a damaged file
         raise AnalysisError(f"{ckpt}: unreadable checkpoint ({err})") from None
-    cfg = resolve_trial_config(trial_config(exp, row))
+    try:
+        cfg = resolve_trial_config(trial_config(exp, row))
+    except TrialSetupError as err:
+        raise AnalysisError(f"{exp.directory / C.CONFIG_FILE}: trial {row['trial_id']}: "
+                            f"{err}") from None
     num_classes = _head_outputs(state["model"])
-    model = build_model({**cfg, "weights": "none"}, num_classes=num_classes)
+    model = build_model(cfg.model_copy(update={"weights": "none"}), num_classes=num_classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise AnalysisError(f"{ckpt}: checkpoint does not fit trial {row['trial_id']}'s "
-                            f"{cfg['backbone']} ({err})") from None
+                            f"{cfg.backbone} ({err})") from None
     epoch = int(state["epoch"])
     scores = exp.epochs[(exp.epochs["trial_id"] == row["trial_id"])
                         & (exp.epochs["epoch"] == epoch)]
@@ -152,15 +137,14 @@ def export_model(directory: str | Path, *, out: str | Path,
         "top1": float(scores["top1"].iloc[0]) if len(scores) else None,
         "top5": float(scores["top5"].iloc[0]) if len(scores) else None,
         "backbone": model.name,
-        "backbone_kwargs": _backbone_kwargs(cfg),
+        "backbone_kwargs": cfg.efficientnet_kwargs(),
         "num_classes": num_classes,
         "class_names": _class_names(cfg, num_classes),
-        "resolution": int(model.resolution if cfg["phi"] is not None
-                          else cfg["resolution"] or model.resolution),
+        "resolution": cfg.input_resolution(),
         "mean": list(model.mean),
         "std": list(model.std),
-        "image_size": int(cfg["data"].get("image_size") or _DEFAULT_IMAGE_SIZE),
-        "trial_config": cfg,
+        "image_size": int(cfg.data.get("image_size") or _DEFAULT_IMAGE_SIZE),
+        "trial_config": cfg.model_dump(),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from search.contract import EXIT_BAD_INPUT, EXIT_FAILED
+
 __all__ = [
     "EXCLUDES",
     "JobsError",
@@ -56,7 +58,7 @@ EXCLUDES: tuple[str, ...] = (
     "id_ed25519*", ".netrc", ".aws", ".ssh", "auth_token",
 )
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
 _TOKEN_FILE = Path("~/.ray/auth_token")
 # Config fields naming paths on the cluster: they need not exist on this machine.
 _CLUSTER_PATH_FIELDS = ("storage:", "data.path", "data.val_path", "data.root")

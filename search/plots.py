@@ -17,9 +17,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from search.analysis import Experiment, Importance, pareto_mask, trial_config
-from trainables.finetune import TRIAL_DEFAULTS
-from trainables.scaling import resolve_efficientnet_coefficients
+from search.analysis import Experiment, trial_config
+from search.contract import Status, pareto_mask
+from search.importance import Importance
+from trainables.models import resolve_efficientnet_coefficients
+from trainables.params import trial_defaults
 
 __all__ = ["PLOTS", "trial_frame", "write_plots"]
 
@@ -42,8 +44,9 @@ def trial_frame(experiments: Sequence[Experiment], board: pd.DataFrame) -> pd.Da
     """One row per leaderboard trial with a result: its full parameters (fixed ones too)."""
     by_name = {e.name: e for e in experiments}
     rows = []
+    defaults = trial_defaults()
     for _, row in board[board["best_top1"].notna()].iterrows():
-        cfg = {**TRIAL_DEFAULTS, **trial_config(by_name[row["experiment"]], row)}
+        cfg = {**defaults, **trial_config(by_name[row["experiment"]], row)}
         rows.append({**{k: cfg.get(k) for k in _KEYS},
                      **{k: row[k] for k in ("experiment", "trial_id", "status", "best_top1",
                                             "gmacs", "epochs")}})
@@ -122,7 +125,8 @@ def _pareto(frame: pd.DataFrame) -> Figure | None:
         return None
     fig, ax = _figure(PLOTS["pareto.png"])
     _scatter(ax, data, "gmacs")
-    front = data[pareto_mask(data["gmacs"], data["best_top1"])].sort_values("gmacs")
+    on_front = pareto_mask(data[["gmacs", "best_top1"]].to_numpy(), ["min", "max"])
+    front = data[on_front].sort_values("gmacs")
     ax.step(front["gmacs"], front["best_top1"], where="post", color="crimson", linewidth=1.5,
             zorder=1)
     ax.scatter(front["gmacs"], front["best_top1"], s=140, facecolors="none",
@@ -150,7 +154,7 @@ def _learning_curves(frame: pd.DataFrame, epochs: pd.DataFrame) -> Figure | None
             continue
         row = info.loc[(exp, trial)]
         curve = curve.sort_values("epoch")
-        cut = row["status"] != "TERMINATED"
+        cut = row["status"] != Status.TERMINATED
         ax.plot(curve["epoch"], curve["top1"], color=colours[row["backbone"]],
                 linestyle="--" if cut else "-", alpha=0.8, linewidth=1.2,
                 marker=markers[exp] if len(markers) > 1 else None, markersize=3)

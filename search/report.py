@@ -13,10 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
-from search.analysis import Experiment, Importance, leaderboard_table, sampled_params, summary
+from search import contract as C
+from search.analysis import (
+    AnalysisError,
+    Experiment,
+    best_config,
+    format_leaderboard,
+    leaderboard,
+    leaderboard_table,
+    load_experiment,
+    sampled_params,
+    summary,
+)
+from search.importance import Importance, param_importance
+from search.plots import write_plots
 
-__all__ = ["write_report"]
+__all__ = ["analyze_experiments", "write_report"]
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -158,3 +172,69 @@ def write_report(
     out = Path(out)
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def _best_yaml(experiment: Experiment, best: pd.Series) -> str:
+    return (f"# Reruns trial {best['trial_id']} of experiment {experiment.name} "
+            f"(best top-1 {best['best_top1']:.2f}%): `ftsearch run best.yaml`.\n"
+            f"# Each searched parameter is pinned to the trial's value as a one-value choice.\n"
+            + yaml.safe_dump(best_config(experiment, best), sort_keys=False))
+
+
+def analyze_experiments(directories: Sequence[str | Path], *, out: str | Path | None,
+                        top: int) -> list[str]:
+    """``ftsearch analyze``: writes report, plots, leaderboard and best.yaml; returns the text.
+
+    Raises:
+        AnalysisError: An unreadable experiment, or two with the same name.
+    """
+    experiments = [load_experiment(d) for d in directories]
+    names = [e.name for e in experiments]
+    if len(set(names)) < len(names):
+        raise AnalysisError(f"experiment names repeat ({names}); analyse experiments with "
+                            f"distinct names together")
+    folder = Path(out) if out else (
+        experiments[0].directory / "analysis" if len(experiments) == 1 else Path("analysis"))
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for exp in experiments:
+        s = summary(exp)
+        counts = ", ".join(f"{n} {k.lower()}" for k, n in s["by_status"].items() if n)
+        lines.append(f"experiment {exp.name} ({exp.directory}): {s['trials']} trials "
+                     f"({counts}), {s['trial_seconds']:.1f} trial-seconds")
+    board = leaderboard(experiments)
+    lines += [f"\nleaderboard (top {min(top, len(board))} of {len(board)}, by best top-1):",
+              format_leaderboard(board, top=top)]
+    best = C.best_trial(board)
+    best_yaml = None
+    if best is None:
+        lines.append("\nno trial has finished yet: no best config")
+    else:
+        exp = experiments[names.index(best["experiment"])]
+        lines.append(f"\nbest trial: {best['trial_id']} ({exp.name})  top-1 "
+                     f"{best['best_top1']:.2f}%  top-5 {best['best_top5']:.2f}%  epochs "
+                     f"{best['epochs']}  {best['gmacs']:.3f} GMACs")
+        lines.append("best config:")
+        lines += [f"  {k}: {v}" for k, v in sampled_params(exp, best["trial_id"]).items()]
+        if exp.config is None:
+            lines.append(f"(no {C.CONFIG_FILE} in {exp.directory}: best.yaml not written)")
+        else:
+            best_yaml = _best_yaml(exp, best)
+            (folder / "best.yaml").write_text(best_yaml)
+    importances = [param_importance(e) for e in experiments]
+    for imp in importances:
+        lines.append(f"\nimportance for best top-1 ({imp.experiment}, {imp.finished} finished "
+                     f"trials):")
+        for evaluator, values in imp.values.items():
+            ranked = sorted(values.items(), key=lambda kv: -kv[1])
+            lines.append(f"  {evaluator}: " + ", ".join(f"{p} {v:.3f}" for p, v in ranked))
+        lines += [f"  {message}" for message in imp.messages]
+    board.to_csv(folder / "leaderboard.csv", index=False)
+    images = write_plots(experiments, board, importances, out=folder)
+    report = write_report(experiments=experiments, board=board, best=best,
+                          importances=importances, images=images, out=folder / "report.html",
+                          top=top, best_yaml=best_yaml)
+    written = (["best.yaml"] if best_yaml else []) + [report.name, "leaderboard.csv"]
+    plots = f" ({', '.join(p.name for p in images.values())})" if images else ""
+    lines.append(f"\nwrote {', '.join(written)} and {len(images)} plots{plots} to {folder}")
+    return lines

@@ -18,8 +18,8 @@ import numpy as np
 import optuna
 
 from search.config import Distribution, ExperimentConfig
-from trainables.backbones import is_efficientnet, stage_count
-from trainables.finetune import EFFICIENTNET_KEYS
+from trainables.models.registry import is_efficientnet, stage_count
+from trainables.params import EFFICIENTNET_KEYS
 
 __all__ = [
     "DefineByRun",

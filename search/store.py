@@ -8,7 +8,7 @@ duplicating it. Trial aggregates (best top-1, epochs run...) are derived from
 the epoch rows on every write, never kept twice.
 
 This module never imports Ray: analysis reads the same files without it.
-:mod:`search.results` holds the Tune callback that feeds the store.
+:mod:`search.callback` holds the Tune callback that feeds the store.
 """
 
 from __future__ import annotations
@@ -24,57 +24,48 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from search.contract import (
+    EPOCH_COLUMNS,
+    EPOCHS_FILE,
+    PARETO_COLUMN,
+    SCHEMA_VERSION,
+    SELECTABLE,
+    TRIAL_COLUMNS,
+    TRIALS_FILE,
+    Status,
+    config_column,
+    objective_column,
+    pareto_mask,
+)
 from trainables import metrics as M
 
-__all__ = [
-    "EPOCHS_FILE",
-    "SCHEMA_VERSION",
-    "STATUSES",
-    "TRIALS_FILE",
-    "ResultsStore",
-    "epochs_schema",
-    "trials_schema",
-]
+__all__ = ["ResultsStore", "epochs_schema", "trials_schema"]
 
-SCHEMA_VERSION = "1"
-TRIALS_FILE = "trials.parquet"
-EPOCHS_FILE = "epochs.parquet"
-STATUSES = ("RUNNING", "TERMINATED", "STOPPED_EARLY", "ERROR", "DIVERGED")
 _META = {b"ftsearch.schema_version": SCHEMA_VERSION.encode()}
 
-_EPOCH_FLOATS = (M.TRAIN_LOSS, M.VAL_LOSS, M.TOP1, M.TOP5, M.LR, M.SAMPLES_PER_S, M.SECONDS,
-                 M.PEAK_RSS_MB, M.PEAK_GPU_MB)
+_EPOCH_FLOATS = tuple(c for c in EPOCH_COLUMNS if c not in ("trial_id", M.EPOCH, M.RESUMED_FROM))
 _ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(),
                 "bool": pa.bool_()}
 
 
+# Arrow types of the contract's columns (search.contract names them).
+_EPOCH_TYPES = {"trial_id": pa.string(), M.EPOCH: pa.int64(), M.RESUMED_FROM: pa.int64()}
+_TRIAL_TYPES = {"trial_id": pa.string(), "status": pa.string(), "epochs": pa.int64(),
+                M.PARAMS: pa.int64(), "node": pa.string(), "checkpoint": pa.string(),
+                "error": pa.string()}
+
+
 def epochs_schema() -> pa.Schema:
-    fields = [pa.field("trial_id", pa.string()), pa.field(M.EPOCH, pa.int64())]
-    fields += [pa.field(name, pa.float64()) for name in _EPOCH_FLOATS]
-    # Null in rows written before the column existed.
-    fields.append(pa.field(M.RESUMED_FROM, pa.int64(), nullable=True))
+    fields = [pa.field(name, _EPOCH_TYPES.get(name, pa.float64())) for name in EPOCH_COLUMNS]
     return pa.schema(fields, metadata=_META)
 
 
 def trials_schema(param_types: Mapping[str, str], *, pareto: bool) -> pa.Schema:
-    fields = [pa.field("trial_id", pa.string()), pa.field("status", pa.string())]
-    fields += [pa.field(f"config.{k}", _ARROW_TYPES[t]) for k, t in param_types.items()]
-    fields += [
-        pa.field("best_top1", pa.float64()),
-        pa.field("last_top1", pa.float64()),
-        pa.field("best_top5", pa.float64()),
-        pa.field("last_val_loss", pa.float64()),
-        pa.field("epochs", pa.int64()),
-        pa.field("params", pa.int64()),
-        pa.field("flops", pa.int64()),
-        pa.field("gmacs", pa.float64()),
-        pa.field("train_seconds", pa.float64()),
-        pa.field("node", pa.string()),
-        pa.field("checkpoint", pa.string()),
-        pa.field("error", pa.string()),
-    ]
+    columns = [pa.field(name, _TRIAL_TYPES.get(name, pa.float64())) for name in TRIAL_COLUMNS]
+    params = [pa.field(config_column(k), _ARROW_TYPES[t]) for k, t in param_types.items()]
+    fields = columns[:2] + params + columns[2:]
     if pareto:
-        fields.append(pa.field("pareto", pa.bool_()))
+        fields.append(pa.field(PARETO_COLUMN, pa.bool_()))
     return pa.schema(fields, metadata=_META)
 
 
@@ -96,11 +87,6 @@ def _cast(value: Any, arrow_type: str) -> Any:
     if arrow_type == "bool":
         return bool(value)
     return str(value)
-
-
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x >= y for x, y in zip(a, b, strict=True)) and any(
-        x > y for x, y in zip(a, b, strict=True))
 
 
 class ResultsStore:
@@ -151,13 +137,13 @@ class ResultsStore:
 
     # --- updates
     def _trial(self, trial_id: str) -> dict[str, Any]:
-        return self.trials.setdefault(trial_id, {"status": "RUNNING", "config": {}})
+        return self.trials.setdefault(trial_id, {"status": Status.RUNNING, "config": {}})
 
     def start(self, trial_id: str, config: Mapping[str, Any]) -> None:
         """Records a trial as soon as it starts, so one that fails at once still has its row."""
         trial = self._trial(trial_id)
         trial["config"] = {k: config.get(k) for k in self.param_types}
-        trial["status"] = "RUNNING"
+        trial["status"] = Status.RUNNING
 
     def forget_unfinished_except(self, known: set[str]) -> list[str]:
         """Drops RUNNING trials missing from ``known``; returns their ids.
@@ -167,7 +153,7 @@ class ResultsStore:
         (it samples a replacement instead), so that row must go.
         """
         lost = [t for t, row in self.trials.items()
-                if row["status"] == "RUNNING" and t not in known]
+                if row["status"] == Status.RUNNING and t not in known]
         for trial_id in lost:
             del self.trials[trial_id]
         self.epochs = {k: v for k, v in self.epochs.items() if k[0] not in lost}
@@ -178,7 +164,7 @@ class ResultsStore:
         """Records one epoch report of a running trial."""
         trial = self._trial(trial_id)
         trial["config"] = {k: config.get(k) for k in self.param_types}
-        trial["status"] = "RUNNING"
+        trial["status"] = Status.RUNNING
         trial["params"] = result.get(M.PARAMS, trial.get("params"))
         trial["gmacs"] = result.get(M.GMACS, trial.get("gmacs"))
         trial["node"] = node or trial.get("node")
@@ -201,16 +187,16 @@ class ResultsStore:
         trial = self._trial(trial_id)
         runs = [e for (t, e) in self.epochs if t == trial_id]
         if error is not None:
-            status = "ERROR"
+            status = Status.ERROR
             trial["error"] = error
         elif trial.get("diverged"):
-            status = "DIVERGED"
+            status = Status.DIVERGED
         elif (max(runs) if runs else 0) < self.max_epochs:
-            status = "STOPPED_EARLY"
+            status = Status.STOPPED_EARLY
         else:
-            status = "TERMINATED"
+            status = Status.TERMINATED
         trial["status"] = status
-        if status != "ERROR":
+        if status != Status.ERROR:
             trial["error"] = None
         return status
 
@@ -224,9 +210,8 @@ class ResultsStore:
             eps = by_trial.get(trial_id, [])
             top1 = [r[M.TOP1] for r in eps if r[M.TOP1] is not None and not math.isnan(r[M.TOP1])]
             top5 = [r[M.TOP5] for r in eps if r[M.TOP5] is not None and not math.isnan(r[M.TOP5])]
-            gmacs = trial.get("gmacs")
             row = {"trial_id": trial_id, "status": trial["status"]}
-            row.update({f"config.{k}": _cast(trial["config"].get(k), t)
+            row.update({config_column(k): _cast(trial["config"].get(k), t)
                         for k, t in self.param_types.items()})
             row.update({
                 "best_top1": max(top1) if top1 else None,
@@ -235,8 +220,7 @@ class ResultsStore:
                 "last_val_loss": eps[-1][M.VAL_LOSS] if eps else None,
                 "epochs": eps[-1][M.EPOCH] if eps else 0,
                 "params": _cast(trial.get("params"), "int64"),
-                "flops": None if gmacs is None else round(gmacs * 1e9),
-                "gmacs": gmacs,
+                "gmacs": trial.get("gmacs"),
                 "train_seconds": sum(r[M.SECONDS] or 0.0 for r in eps),
                 "node": trial.get("node"),
                 "checkpoint": trial.get("checkpoint"),
@@ -247,25 +231,14 @@ class ResultsStore:
             self._flag_pareto(rows)
         return rows
 
-    def _objective_values(self, row: Mapping[str, Any]) -> list[float] | None:
-        column = {"top1": "last_top1", "top5": "best_top5", "val_loss": "last_val_loss",
-                  "gmacs": "gmacs", "params": "params"}
-        values = []
-        for metric, mode in self.objectives:
-            value = row.get(column.get(metric, metric))
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                return None
-            values.append(value if mode == "max" else -value)
-        return values
-
     def _flag_pareto(self, rows: list[dict[str, Any]]) -> None:
-        finished = {r["trial_id"]: self._objective_values(r) for r in rows
-                    if r["status"] in ("TERMINATED", "STOPPED_EARLY")}
-        finished = {k: v for k, v in finished.items() if v is not None}
+        columns = [objective_column(metric) for metric, _ in self.objectives]
+        finished = [r for r in rows if r["status"] in SELECTABLE]
+        front = pareto_mask([[r[c] for c in columns] for r in finished],
+                            [mode for _, mode in self.objectives])
+        on_front = {r["trial_id"] for r, flag in zip(finished, front, strict=True) if flag}
         for row in rows:
-            mine = finished.get(row["trial_id"])
-            row["pareto"] = mine is not None and not any(
-                _dominates(other, mine) for k, other in finished.items() if k != row["trial_id"])
+            row[PARETO_COLUMN] = row["trial_id"] in on_front
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         """(trials, epochs) as typed Arrow tables."""

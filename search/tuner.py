@@ -21,8 +21,8 @@ from ray.tune.schedulers import (
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from search.callback import ParquetCallback
 from search.config import ExperimentConfig
-from search.results import ParquetCallback
 from search.space import (
     column_types,
     grid_points,
@@ -30,6 +30,7 @@ from search.space import (
     make_sampler,
     sample_configs,
 )
+from search.storage import is_uri, storage_root
 from trainables import metrics as M
 from trainables.finetune import tune_trainable
 
@@ -38,7 +39,6 @@ __all__ = [
     "build_scheduler",
     "build_searcher",
     "build_tuner",
-    "experiment_dir",
     "preset_points",
     "restore_tuner",
 ]
@@ -46,19 +46,6 @@ __all__ = [
 # Parameters PBT may mutate: they change the optimiser, not the model's shape,
 # so a trial can continue from another's checkpoint with them.
 PBT_MUTABLE = ("lr", "lr_scale", "weight_decay", "momentum", "label_smoothing")
-
-
-def experiment_dir(cfg: ExperimentConfig) -> str:
-    """``<storage>/<name>``, absolute for local storage."""
-    if "://" in cfg.storage:
-        return f"{cfg.storage.rstrip('/')}/{cfg.name}"
-    return str(Path(cfg.storage).expanduser().resolve() / cfg.name)
-
-
-def _storage_path(cfg: ExperimentConfig) -> str:
-    if "://" in cfg.storage:
-        return cfg.storage
-    return str(Path(cfg.storage).expanduser().resolve())
 
 
 def _primary(cfg: ExperimentConfig) -> tuple[str, str]:
@@ -120,9 +107,9 @@ def preset_points(cfg: ExperimentConfig) -> list[dict[str, Any]] | None:
 def _cache_dir(cfg: ExperimentConfig) -> str:
     # Frozen-stage activations (trainables/cache.py) are shared by the trials of a node:
     # beside the results for local storage, in each node's home for remote storage.
-    if "://" in cfg.storage:
+    if is_uri(cfg.storage):
         return f"~/.cache/ftsearch/frozen/{cfg.name}"
-    return str(Path(experiment_dir(cfg)) / ".cache")
+    return str(Path(cfg.directory) / ".cache")
 
 
 def _param_space(cfg: ExperimentConfig, points: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -168,7 +155,7 @@ def build_searcher(cfg: ExperimentConfig, points: list[dict[str, Any]] | None = 
 
 def _callbacks(cfg: ExperimentConfig) -> list[Any]:
     return [ParquetCallback(
-        directory=experiment_dir(cfg),
+        directory=cfg.directory,
         param_types=column_types(cfg),
         max_epochs=cfg.scheduler.max_t or cfg.epochs,
         objectives=[(o.metric, o.mode) for o in cfg.search.objectives],
@@ -196,7 +183,7 @@ def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
     )
     run_config = tune.RunConfig(
         name=cfg.name,
-        storage_path=_storage_path(cfg),
+        storage_path=storage_root(cfg.storage),
         failure_config=tune.FailureConfig(max_failures=cfg.failure.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode),
@@ -209,6 +196,6 @@ def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
 
 def restore_tuner(cfg: ExperimentConfig) -> tune.Tuner:
     """Resumes the experiment of ``cfg``: unfinished and errored trials continue."""
-    return tune.Tuner.restore(experiment_dir(cfg), trainable=_trainable(cfg),
+    return tune.Tuner.restore(cfg.directory, trainable=_trainable(cfg),
                               resume_unfinished=True, resume_errored=True,
                               param_space=_param_space(cfg, preset_points(cfg)))

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from trainables.imagesets import ImageSet, indexed_batches
-from trainables.stagednet import StagedNet
-from trainables.transforms import preprocess
+from trainables.data.imagesets import ImageSet, indexed_batches
+from trainables.data.transforms import preprocess
+from trainables.models.stagednet import StagedNet
 
 try:  # POSIX; elsewhere write-then-rename alone keeps readers safe (a file may be built twice)
     import fcntl

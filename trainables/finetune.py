@@ -6,24 +6,19 @@ callback, so it runs without Ray (benchmarks compare the two).
 restores from ``ray.tune.get_checkpoint()`` and reports each epoch through
 ``ray.tune.report`` with a checkpoint.
 
-The trial receives one flat, plain dict (see ``TRIAL_DEFAULTS``); an unknown
-key is an error that names it.
+The trial receives one flat, plain dict, validated by :class:`~trainables.params.TrialParams`
+(an unknown key is an error that names it). Process concerns (device, memory, failure
+text) live in :mod:`trainables.runtime`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import logging
 import math
-import resource
 import sys
 import tempfile
 import time
-import traceback
-import warnings
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -31,12 +26,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from trainables import metrics as M
-from trainables.backbones import StagedNet, build_backbone, stage_count
 from trainables.cache import FeatureSet, FrozenFeatures, bypass_reason, frozen_features, say_once
 from trainables.data import DataSplits, ImageSet, load_data, preprocess
+from trainables.models import StagedNet, build_backbone
+from trainables.models.complexity import count_macs, count_params
 from trainables.optim import (
     apply_lr_schedule,
     build_optimizer,
@@ -46,14 +43,24 @@ from trainables.optim import (
     set_train_mode,
     unfreeze_param_groups,
 )
-from trainables.scaling import count_macs, count_params
+from trainables.params import TrialParams
+from trainables.runtime import (
+    TrialError,
+    TrialSetupError,
+    autocast,
+    failure_text,
+    freeze_long_lived_objects,
+    peak_gpu_mb,
+    peak_rss_mb,
+    pick_device,
+    ray_trial_device,
+    release_memory,
+    reset_peak_memory,
+)
 
 __all__ = [
     "CHECKPOINT_FILE",
-    "EFFICIENTNET_KEYS",
-    "TRIAL_DEFAULTS",
     "ReportFn",
-    "TrialError",
     "build_model",
     "evaluate",
     "load_checkpoint_state",
@@ -66,125 +73,51 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 
-# Coefficients of the free `efficientnet` backbone; sampled only for it.
-EFFICIENTNET_KEYS = ("width_mult", "depth_mult", "phi", "alpha", "beta", "gamma")
-
-TRIAL_DEFAULTS: dict[str, Any] = {
-    # model
-    "backbone": "resnet18",
-    # none | imagenet | packaged | a state-dict path, or a mapping backbone -> one of
-    # those (key `default` for the rest), since a search may mix backbones.
-    "weights": "none",
-    "resolution": None,  # None: the backbone's default
-    "width_mult": None,
-    "depth_mult": None,
-    "phi": None,
-    "alpha": None,
-    "beta": None,
-    "gamma": None,
-    # fine-tuning
-    "freeze_depth": 0,
-    "freeze_fraction": None,  # if set, freeze_depth = round(fraction * stage count)
-    "lr": 0.01,  # head learning rate
-    "lr_scale": 0.1,  # backbone rate = lr * lr_scale
-    "layer_decay": None,
-    "unfreeze_at_epoch": None,
-    # optimisation
-    "optimizer": "sgd",
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "batch_size": 32,
-    "eval_batch_size": 256,
-    "epochs": 3,
-    "warmup_epochs": 0.0,
-    "label_smoothing": 0.0,
-    "augment": False,
-    "max_steps_per_epoch": None,  # cap for smoke runs
-    # data and execution
-    "data": {"source": "digits"},
-    "seed": 0,
-    "device": "auto",  # auto | cpu | cuda
-    "amp": True,  # bf16 autocast on CUDA
-    "channels_last": True,  # on CUDA
-    "compile": False,  # torch.compile the model
-    # Node-local directory of the frozen-stage cache (trainables/cache.py); None: no cache.
-    # Searches set it to <storage>/<name>/.cache.
-    "cache_dir": None,
-}
-
 # (metrics, checkpoint state) -> None. The state is what a resume needs.
 ReportFn = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
-def resolve_trial_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults filled in; an unknown key or a misplaced coefficient is a ``ValueError``."""
-    unknown = sorted(set(config) - set(TRIAL_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"unknown trial parameter(s) {unknown}; valid ones are {sorted(TRIAL_DEFAULTS)}"
-        )
-    cfg = {**TRIAL_DEFAULTS, **config}
-    if cfg["backbone"] != "efficientnet":
-        given = [k for k in EFFICIENTNET_KEYS if cfg[k] is not None]
-        if given:
-            raise ValueError(
-                f"{given} only apply to backbone 'efficientnet' (free compound scaling), "
-                f"not to {cfg['backbone']!r}"
-            )
-    if isinstance(cfg["weights"], Mapping):
-        cfg["weights"] = cfg["weights"].get(cfg["backbone"], cfg["weights"].get("default", "none"))
-    if cfg["freeze_fraction"] is not None:
-        n = stage_count(cfg["backbone"])
-        cfg["freeze_depth"] = min(n, round(float(cfg["freeze_fraction"]) * n))
-    for key in ("epochs", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1")
-    return cfg
+def resolve_trial_config(config: Mapping[str, Any]) -> TrialParams:
+    """The validated trial parameters, weights picked for the backbone, freeze depth derived.
+
+    Raises:
+        TrialSetupError: An unknown key or an invalid value; the message names the field.
+    """
+    try:
+        return TrialParams.model_validate(dict(config)).resolved()
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
+        raise TrialSetupError(f"invalid trial parameters: {problems}") from None
 
 
-def build_model(cfg: Mapping[str, Any], *, num_classes: int) -> StagedNet:
-    """The backbone of ``cfg`` with its head sized for ``num_classes``."""
-    kwargs: dict[str, Any] = {}
-    if cfg["backbone"] == "efficientnet":
-        kwargs = {k: cfg[k] for k in EFFICIENTNET_KEYS if cfg[k] is not None}
-        if cfg["resolution"] is not None and cfg["phi"] is None:
-            kwargs["resolution"] = cfg["resolution"]  # with phi it is derived
-    return build_backbone(cfg["backbone"], num_classes=num_classes, weights=cfg["weights"],
-                          **kwargs)
-
-
-def _pick_device(requested: str) -> torch.device:
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={requested!r}: choose one of ['auto', 'cpu', 'cuda']")
-    if requested == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if requested == "cuda":
-        warnings.warn("device=cuda was requested but no usable CUDA device is visible on this "
-                      "node: the trial runs on CPU", RuntimeWarning, stacklevel=2)
-    return torch.device("cpu")
-
-
-def _ray_trial_device(requested: str, *, assigned_gpus: float) -> str:
-    """The device of a Ray trial: CUDA only where Ray assigned it a GPU share."""
-    if requested != "auto":
-        return requested  # an explicit device wins; _pick_device warns if CUDA is missing
-    if assigned_gpus <= 0:
-        # No GPU reserved: taking a visible GPU anyway would collide with trials that did.
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    warnings.warn(f"Ray assigned this trial {assigned_gpus:g} GPU, but its node has no usable "
-                  f"CUDA device (torch.cuda.is_available() is False): the trial runs on CPU",
-                  RuntimeWarning, stacklevel=2)
-    return "cpu"
+def build_model(params: TrialParams, *, num_classes: int) -> StagedNet:
+    """The backbone of ``params`` with its head sized for ``num_classes``."""
+    return build_backbone(params.backbone, num_classes=num_classes, weights=params.weights,
+                          **params.efficientnet_kwargs())
 
 
 @lru_cache(maxsize=2)
 def _cached_data(spec_json: str, seed: int) -> DataSplits:
     # One decode per worker process: reused actors and repeated trials share it.
     return load_data(json.loads(spec_json), seed=seed)
+
+
+def _setup(params: TrialParams) -> tuple[DataSplits, StagedNet]:
+    """The data and the model; a failure here would repeat in every trial of this kind."""
+    data_key = json.dumps(params.data, sort_keys=True)
+    try:
+        data = _cached_data(data_key, params.seed)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise TrialSetupError(f"the data cannot be loaded: {type(err).__name__}: {err}") from err
+    try:
+        model = build_model(params, num_classes=data.num_classes)
+    except torch.OutOfMemoryError:
+        raise  # one configuration too big for its device: not every trial's fate
+    except (ValueError, OSError, RuntimeError) as err:
+        raise TrialSetupError(f"backbone {params.backbone!r} with weights {params.weights!r} "
+                              f"cannot be built: {type(err).__name__}: {err}") from err
+    return data, model
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -208,7 +141,7 @@ def evaluate(
     """
     model.eval()
     loss_sum, top1, top5, n = 0.0, 0, 0, 0
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast(device, amp):
         for x, y in images.batches(batch_size=batch_size, shuffle=False, device=device):
             if start == 0:
                 x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std)
@@ -220,53 +153,20 @@ def evaluate(
     return {M.VAL_LOSS: loss_sum / n, M.TOP1: 100.0 * top1 / n, M.TOP5: 100.0 * top5 / n}
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _groups(model: StagedNet, p: TrialParams) -> list[dict[str, Any]]:
+    return param_groups(model, lr=p.lr, lr_scale=p.lr_scale, weight_decay=p.weight_decay,
+                        freeze_depth=p.freeze_depth, layer_decay=p.layer_decay)
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    """Starts the trial's peak-memory window, so a reused actor's earlier trials do not count."""
-    with contextlib.suppress(OSError):
-        # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS.
-        Path("/proc/self/clear_refs").write_text("5")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _unfreeze_groups(model: StagedNet, p: TrialParams) -> list[dict[str, Any]]:
+    return unfreeze_param_groups(model, lr=p.lr, lr_scale=p.lr_scale,
+                                 weight_decay=p.weight_decay, freeze_depth=p.freeze_depth,
+                                 layer_decay=p.layer_decay)
 
 
-def _peak_rss_mb() -> float:
-    """Peak RSS since :func:`_reset_peak_memory` (Linux); elsewhere the process's peak."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _peak_gpu_mb(device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    return torch.cuda.max_memory_allocated(device) / (1024 * 1024)
-
-
-def _groups(model: StagedNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return param_groups(model, lr=cfg["lr"], lr_scale=cfg["lr_scale"],
-                        weight_decay=cfg["weight_decay"], freeze_depth=cfg["freeze_depth"],
-                        layer_decay=cfg["layer_decay"])
-
-
-def _unfreeze_groups(model: StagedNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return unfreeze_param_groups(model, lr=cfg["lr"], lr_scale=cfg["lr_scale"],
-                                 weight_decay=cfg["weight_decay"],
-                                 freeze_depth=cfg["freeze_depth"], layer_decay=cfg["layer_decay"])
-
-
-def _unfrozen_at(cfg: Mapping[str, Any], epoch: int) -> bool:
-    at = cfg["unfreeze_at_epoch"]
-    return at is not None and cfg["freeze_depth"] > 0 and epoch >= at
+def _unfrozen_at(p: TrialParams, epoch: int) -> bool:
+    at = p.unfreeze_at_epoch
+    return at is not None and p.freeze_depth > 0 and epoch >= at
 
 
 class _Tail(nn.Module):
@@ -281,54 +181,25 @@ class _Tail(nn.Module):
 
 
 def _frozen_inputs(
-    cfg: Mapping[str, Any],
+    p: TrialParams,
     model: StagedNet,
     *,
     train_set: ImageSet,
     val_set: ImageSet,
-    data_key: str,
     resolution: int,
     device: torch.device,
 ) -> FrozenFeatures | None:
     """The frozen stages' outputs, computed once per node, when the cache applies."""
-    if not cfg["cache_dir"] or cfg["freeze_depth"] == 0:
+    if not p.cache_dir or p.freeze_depth == 0:
         return None
-    reason = bypass_reason(augment=cfg["augment"], unfreeze_at_epoch=cfg["unfreeze_at_epoch"])
+    reason = bypass_reason(augment=p.augment, unfreeze_at_epoch=p.unfreeze_at_epoch)
     if reason:
         say_once(f"frozen-stage cache bypassed: {reason}")
         return None
     return frozen_features(
-        model, depth=cfg["freeze_depth"], train=train_set, val=val_set, resolution=resolution,
-        data_key=data_key, cache_dir=cfg["cache_dir"], device=device, amp=cfg["amp"],
-        channels_last=cfg["channels_last"], batch_size=cfg["eval_batch_size"])
-
-
-@lru_cache(maxsize=1)
-def _freeze_long_lived_objects() -> None:
-    # torch, Ray and their modules are ~500k long-lived objects; a full gc.collect() over them
-    # costs about half a second per trial. Frozen once per worker process, they are left out
-    # of every later collection, which then sees only what trials allocate.
-    gc.collect()
-    gc.freeze()
-
-
-def _release_memory(*, compiled: bool) -> None:
-    """Frees what a finished trial left behind, so a reused actor starts the next one clean."""
-    if compiled:
-        torch._dynamo.reset()  # compiled graphs hold the old model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    # glibc keeps freed heap pages mapped; handing them back makes the next trial's peak RSS
-    # its own and lets other processes on the node use the memory.
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        model, depth=p.freeze_depth, train=train_set, val=val_set, resolution=resolution,
+        data_key=json.dumps(p.data, sort_keys=True), cache_dir=p.cache_dir, device=device,
+        amp=p.amp, channels_last=p.channels_last, batch_size=p.eval_batch_size)
 
 
 def run_trial(
@@ -340,28 +211,28 @@ def run_trial(
     """Fine-tunes one configuration; returns the last reported metrics.
 
     Args:
-        config: Trial parameters (keys of ``TRIAL_DEFAULTS``).
+        config: Trial parameters (fields of :class:`~trainables.params.TrialParams`).
         report: Called after every epoch with the metrics and the checkpoint state.
         state: A state passed to ``report`` earlier: training continues at the
             epoch after the one it was taken at, with identical model,
             optimizer and RNG state.
+
+    Raises:
+        TrialSetupError: Invalid parameters, or data or weights that cannot load.
     """
-    cfg = resolve_trial_config(config)
-    torch.manual_seed(cfg["seed"])
-    device = _pick_device(cfg["device"])
-    _reset_peak_memory(device)
+    p = resolve_trial_config(config)
+    torch.manual_seed(p.seed)
+    device = pick_device(p.device)
+    reset_peak_memory(device)
 
     # --- data and model
-    data_key = json.dumps(cfg["data"], sort_keys=True)
-    data = _cached_data(data_key, cfg["seed"])
-    model = build_model(cfg, num_classes=data.num_classes)
-    resolution = model.resolution if cfg["phi"] is not None else (
-        cfg["resolution"] or model.resolution)
+    data, model = _setup(p)
+    resolution = p.input_resolution()
     params = count_params(model)
     gmacs = count_macs(model, resolution=resolution) / 1e9
-    freeze_stages(model, cfg["freeze_depth"])
+    freeze_stages(model, p.freeze_depth)
     model.to(device)
-    if device.type == "cuda" and cfg["channels_last"]:
+    if device.type == "cuda" and p.channels_last:
         model.to(memory_format=torch.channels_last)
     train_set, val_set = data.train, data.val
     if device.type == "cuda" and hasattr(train_set, "to"):
@@ -369,20 +240,20 @@ def run_trial(
         train_set, val_set = train_set.to(device), val_set.to(device)
 
     # --- optimiser and schedule
-    optimizer = build_optimizer(cfg["optimizer"], _groups(model, cfg), momentum=cfg["momentum"])
-    steps_per_epoch = math.ceil(len(train_set) / cfg["batch_size"])
-    if cfg["max_steps_per_epoch"]:
-        steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
-    total_steps = steps_per_epoch * cfg["epochs"]
-    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
+    optimizer = build_optimizer(p.optimizer, _groups(model, p), momentum=p.momentum)
+    steps_per_epoch = math.ceil(len(train_set) / p.batch_size)
+    if p.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
+    total_steps = steps_per_epoch * p.epochs
+    warmup_steps = round(p.warmup_epochs * steps_per_epoch)
 
     # --- resume
     start_epoch, step = 1, 0
     if state is not None:
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         model.load_state_dict(state["model"])
-        if _unfrozen_at(cfg, start_epoch - 1):
-            for group in _unfreeze_groups(model, cfg):
+        if _unfrozen_at(p, start_epoch - 1):
+            for group in _unfreeze_groups(model, p):
                 optimizer.add_param_group(group)
         fresh_rates = [g["base_lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
@@ -393,29 +264,29 @@ def run_trial(
 
     # --- inputs: images, or the frozen stages' outputs computed once (trainables/cache.py)
     start = 0
-    frozen = _frozen_inputs(cfg, model, train_set=train_set, val_set=val_set, data_key=data_key,
+    frozen = _frozen_inputs(p, model, train_set=train_set, val_set=val_set,
                             resolution=resolution, device=device)
     if frozen is not None:
         train_set, val_set, start = frozen.train, frozen.val, frozen.start
     forward = _Tail(model, start) if start else model
-    if cfg["compile"]:
+    if p.compile:
         forward = torch.compile(forward)
 
     last: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg["epochs"] + 1):
-        if cfg["unfreeze_at_epoch"] == epoch and _unfrozen_at(cfg, epoch):
-            for group in _unfreeze_groups(model, cfg):
+    for epoch in range(start_epoch, p.epochs + 1):
+        if p.unfreeze_at_epoch == epoch and _unfrozen_at(p, epoch):
+            for group in _unfreeze_groups(model, p):
                 optimizer.add_param_group(group)
-        depth = 0 if _unfrozen_at(cfg, epoch) else cfg["freeze_depth"]
+        depth = 0 if _unfrozen_at(p, epoch) else p.freeze_depth
 
         # --- train one epoch
         t0 = time.perf_counter()
         set_train_mode(model, depth)
-        gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 100_003 + epoch)
+        gen = torch.Generator(device=device).manual_seed(p.seed * 100_003 + epoch)
         loss_sum, seen, diverged = 0.0, 0, False
-        batches = train_set.batches(batch_size=cfg["batch_size"], shuffle=True,
-                                    seed=cfg["seed"] * 100_003 + epoch, device=device,
-                                    drop_last=len(train_set) > cfg["batch_size"])
+        batches = train_set.batches(batch_size=p.batch_size, shuffle=True,
+                                    seed=p.seed * 100_003 + epoch, device=device,
+                                    drop_last=len(train_set) > p.batch_size)
         for i, (x, y) in enumerate(batches):
             if i >= steps_per_epoch:
                 break
@@ -423,12 +294,11 @@ def run_trial(
                 step, total_steps=total_steps, warmup_steps=warmup_steps))
             if start == 0:
                 x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std,
-                               augment=cfg["augment"], generator=gen)
-            if device.type == "cuda" and cfg["channels_last"] and x.ndim == 4:
+                               augment=p.augment, generator=gen)
+            if device.type == "cuda" and p.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, cfg["amp"]):
-                loss = F.cross_entropy(forward(x).float(), y,
-                                       label_smoothing=cfg["label_smoothing"])
+            with autocast(device, p.amp):
+                loss = F.cross_entropy(forward(x).float(), y, label_smoothing=p.label_smoothing)
             if not torch.isfinite(loss):
                 diverged = True
                 break
@@ -449,12 +319,12 @@ def run_trial(
         else:
             result[M.TRAIN_LOSS] = loss_sum / max(seen, 1)
             result.update(evaluate(model, val_set, resolution=resolution,
-                                   batch_size=cfg["eval_batch_size"], device=device,
-                                   amp=cfg["amp"], start=start))
+                                   batch_size=p.eval_batch_size, device=device, amp=p.amp,
+                                   start=start))
         result[M.SAMPLES_PER_S] = seen / train_seconds if train_seconds > 0 else 0.0
         result[M.SECONDS] = time.perf_counter() - t0
-        result[M.PEAK_RSS_MB] = _peak_rss_mb()
-        result[M.PEAK_GPU_MB] = _peak_gpu_mb(device)
+        result[M.PEAK_RSS_MB] = peak_rss_mb()
+        result[M.PEAK_GPU_MB] = peak_gpu_mb(device)
         result[M.RESUMED_FROM] = start_epoch - 1
         checkpoint_state = {
             "epoch": epoch,
@@ -483,13 +353,13 @@ def tune_trainable(config: dict[str, Any]) -> None:
 
     # One line per checkpoint from Ray's storage layer is noise in a search log.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    _freeze_long_lived_objects()
+    freeze_long_lived_objects()
     assigned = ray.get_runtime_context().get_assigned_resources()
     cpus = assigned.get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
-    device = _ray_trial_device(str(config.get("device", TRIAL_DEFAULTS["device"])),
-                               assigned_gpus=float(assigned.get("GPU", 0)))
+    requested = config.get("device", TrialParams.model_fields["device"].default)
+    device = ray_trial_device(str(requested), assigned_gpus=float(assigned.get("GPU", 0)))
     checkpoint = tune.get_checkpoint()
     state = None
     if checkpoint is not None:
@@ -514,24 +384,13 @@ def tune_trainable(config: dict[str, Any]) -> None:
         if stop.code not in (0, None):
             raise
         stopped = True
+    except TrialSetupError as err:
+        failure = TrialSetupError(str(err))  # the message is the whole story; drop the frames
     except Exception as err:  # noqa: BLE001 - re-raised below, as text, once memory is freed
-        failure = _failure_text(err)
+        failure = TrialError(failure_text(err))
     state = None
-    _release_memory(compiled=bool(config.get("compile")))
+    release_memory(compiled=bool(config.get("compile")))
     if failure is not None:
-        raise TrialError(failure)
+        raise failure
     if stopped:
         sys.exit(0)  # what Tune expects of a trial it stopped
-
-
-class TrialError(RuntimeError):
-    """A trial's failure, carried as text so the failed trial's tensors can be freed first."""
-
-
-def _failure_text(err: BaseException) -> str:
-    text = "".join(traceback.format_exception(err)).rstrip()
-    if isinstance(err, torch.OutOfMemoryError):
-        text += ("\nOutOfMemoryError: CUDA out of memory; lower train.batch_size or "
-                 "resolution, or give each trial a larger GPU share (resources.gpu)")
-    # The last line is the one the results' `error` column puts first.
-    return text

@@ -1,7 +1,7 @@
 """Freezing, gradual unfreezing and per-stage learning rates.
 
 A model declares its ordered backbone ``stages`` and its ``head`` once
-(see :mod:`trainables.backbones`); everything here is derived from that one
+(see :mod:`trainables.models`); everything here is derived from that one
 list by small functions, in the spirit of timm's ``group_matcher``:
 
 * the first ``freeze_depth`` stages are frozen: ``requires_grad=False`` and

@@ -12,15 +12,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from search.analysis import (
-    best_config,
-    leaderboard,
-    load_experiment,
-    param_importance,
-    pareto_mask,
-)
+from search.analysis import best_config, leaderboard, load_experiment
 from search.cli import main
 from search.config import dump_config, load_config, parse_config
+from search.contract import pareto_mask
+from search.importance import param_importance
 from search.space import column_types
 from search.store import ResultsStore
 from tests.conftest import ROOT, ftsearch_env, run_ftsearch
@@ -146,8 +142,10 @@ def test_both_evaluators_find_the_parameter_that_drives_top1(tmp_path):
 def test_pareto_mask_keeps_the_non_dominated_points():
     gmacs = [0.1, 0.1, 0.2, 0.3, 0.3, 0.5, float("nan")]
     top1 = [50.0, 40.0, 70.0, 60.0, 80.0, 80.0, 99.0]
-    assert pareto_mask(gmacs, top1).tolist() == [True, False, True, False, True, False, False]
-    assert pareto_mask([1.0, 1.0], [5.0, 5.0]).tolist() == [True, True]  # ties both stay
+    points = list(zip(gmacs, top1, strict=True))
+    assert pareto_mask(points, ["min", "max"]).tolist() == [True, False, True, False, True, False,
+                                                            False]
+    assert pareto_mask([(1.0, 5.0), (1.0, 5.0)], ["min", "max"]).tolist() == [True, True]
 
 
 def test_best_config_pins_sampled_fraction_and_drops_unsampled_conditionals(tmp_path):

@@ -23,11 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from search.config import parse_config, shared_storage, storage_filesystem
+from search.config import parse_config
+from search.storage import shared_storage, storage_filesystem
 from search.store import EPOCHS_FILE, ResultsStore
 from tests.conftest import FTSEARCH, ROOT, ftsearch_env, write_config
 from trainables import metrics as M
-from trainables.finetune import _ray_trial_device, run_trial
+from trainables.finetune import run_trial
+from trainables.runtime import ray_trial_device
 
 EPOCHS = 5
 # Two 0.5-GPU trials fit on the node's one GPU; its 4 CPUs would allow four.
@@ -73,12 +75,13 @@ def test_shared_storage_uri_network_mount_or_declared(tmp_path):
     mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nnas:/export {tmp_path}/nfs nfs rw 0 0\n")
     (tmp_path / "nfs").mkdir()
     local = _cfg(tmp_path)
-    assert shared_storage(local, mounts=str(mounts)) is None
-    on_nfs = _cfg(tmp_path, storage=str(tmp_path / "nfs" / "runs"))
-    assert "nfs" in shared_storage(on_nfs, mounts=str(mounts))
-    declared = _cfg(tmp_path, storage_shared=True)
-    assert "storage_shared" in shared_storage(declared, mounts=str(mounts))
-    assert shared_storage(_cfg(tmp_path, storage="s3://bucket/runs"), mounts=str(mounts))
+    def shared(cfg):
+        return shared_storage(cfg.storage, declared=cfg.storage_shared, mounts=str(mounts))
+
+    assert shared(local) is None
+    assert "nfs" in shared(_cfg(tmp_path, storage=str(tmp_path / "nfs" / "runs")))
+    assert "storage_shared" in shared(_cfg(tmp_path, storage_shared=True))
+    assert shared(_cfg(tmp_path, storage="s3://bucket/runs"))
 
 
 def test_fractional_gpu_above_one_is_refused_with_the_field(tmp_path, capsys):
@@ -96,15 +99,15 @@ def test_fractional_gpu_above_one_is_refused_with_the_field(tmp_path, capsys):
 def test_a_gpu_share_without_cuda_warns_and_trains_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(RuntimeWarning, match=r"assigned this trial 0.5 GPU.*no usable CUDA"):
-        assert _ray_trial_device("auto", assigned_gpus=0.5) == "cpu"
+        assert ray_trial_device("auto", assigned_gpus=0.5) == "cpu"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no GPU asked for: CPU, silently
-        assert _ray_trial_device("auto", assigned_gpus=0) == "cpu"
+        assert ray_trial_device("auto", assigned_gpus=0) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _ray_trial_device("auto", assigned_gpus=0.5) == "cuda"
+    assert ray_trial_device("auto", assigned_gpus=0.5) == "cuda"
     # a trial without a GPU share never takes a visible GPU
-    assert _ray_trial_device("auto", assigned_gpus=0) == "cpu"
-    assert _ray_trial_device("cpu", assigned_gpus=1) == "cpu"
+    assert ray_trial_device("auto", assigned_gpus=0) == "cpu"
+    assert ray_trial_device("cpu", assigned_gpus=1) == "cpu"
 
 
 def test_resumed_from_lands_in_epochs_parquet(tmp_path):

@@ -4,8 +4,7 @@ import pytest
 
 from search.config import parse_config
 from search.space import column_types, sample_configs
-from trainables.backbones import stage_count
-from trainables.scaling import flops_ratio
+from trainables.models import flops_ratio, stage_count
 
 
 def _cfg(tmp_path, space: dict, **search) -> object:

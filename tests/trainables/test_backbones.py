@@ -11,18 +11,19 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 from skimage import data
 
-from trainables.backbones import (
+from trainables.models import (
     StagedNet,
     available_weights,
     backbone_names,
     build_backbone,
+    compound_coefficients,
+    count_params,
     default_resolution,
     describe_backbones,
     is_efficientnet,
     stage_count,
 )
-from trainables.lite import LITE_MEAN, LITE_STD, packaged_lite0_path
-from trainables.scaling import compound_coefficients, count_params
+from trainables.models.lite import LITE_MEAN, LITE_STD, packaged_lite0_path
 
 EXPECTED_STAGES = {
     "resnet18": 5,

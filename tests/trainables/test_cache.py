@@ -9,9 +9,9 @@ import torch
 
 from trainables import cache
 from trainables import metrics as M
-from trainables.backbones import build_backbone
 from trainables.data import load_data
 from trainables.finetune import run_trial
+from trainables.models import build_backbone
 from trainables.optim import freeze_stages
 
 DIGITS = {"source": "digits", "samples_per_class": 6, "val_fraction": 0.05}

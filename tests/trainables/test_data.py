@@ -381,7 +381,8 @@ def test_torchvision_dataset_without_arrays_decodes_or_streams() -> None:
     # torchvision dataset (Flowers102, Food101, ...), both held in memory and streamed.
     from torchvision.datasets import FakeData
 
-    from trainables.data import _parse_spec, _vision_pool
+    from trainables.data.spec import parse_spec as _parse_spec
+    from trainables.data.tvdatasets import vision_pool as _vision_pool
 
     dataset = FakeData(size=12, image_size=(3, 40, 50), num_classes=3, random_offset=1)
     spec = {"source": "torchvision:FakeData", "image_size": 32}

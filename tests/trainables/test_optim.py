@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.backbones import build_backbone
+from trainables.models import build_backbone
 from trainables.optim import (
     apply_lr_schedule,
     build_optimizer,

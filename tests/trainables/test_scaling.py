@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from trainables.backbones import build_backbone
-from trainables.scaling import (
+from trainables.models import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_GAMMA,
     ScaledCoefficients,
+    build_backbone,
     compound_coefficients,
     count_macs,
     count_params,

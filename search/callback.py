@@ -16,7 +16,8 @@ from typing import Any
 
 from ray import tune
 
-from search.store import STATUSES, ResultsStore
+from search.contract import STATUSES, Status
+from search.store import ResultsStore
 from trainables import metrics as M
 
 __all__ = ["ParquetCallback"]
@@ -58,7 +59,7 @@ class ParquetCallback(tune.Callback):
             self._store = ResultsStore(**self.store_args)
             self._last_write = 0.0
             self._start = time.monotonic()
-            self._last_line = ""
+            self._last_ended: dict[str, int] = {}
         return self._store
 
     def setup(self, **info: Any) -> None:
@@ -79,14 +80,17 @@ class ParquetCallback(tune.Callback):
                 if r[M.TOP1] is not None and not math.isnan(r[M.TOP1])]
         best = max(top1) if top1 else None
         elapsed = time.monotonic() - self._start
+        ended = {s: n for s, n in counts.items() if s != Status.RUNNING}
+        # One line when a trial ends (not on every epoch): a search's output stays short.
+        if ended == self._last_ended:
+            return
+        self._last_ended = ended
         line = (f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] trials: "
-                f"{counts['RUNNING']} running, {counts['TERMINATED']} done, "
-                f"{counts['STOPPED_EARLY']} stopped early, {counts['ERROR']} errored, "
-                f"{counts['DIVERGED']} diverged | best top-1 so far: "
+                f"{counts[Status.RUNNING]} running, {counts[Status.TERMINATED]} done, "
+                f"{counts[Status.STOPPED_EARLY]} stopped early, {counts[Status.ERROR]} errored, "
+                f"{counts[Status.DIVERGED]} diverged | best top-1 so far: "
                 + ("-" if best is None else f"{best:.2f}%"))
-        if line != self._last_line:
-            print(line, file=sys.stdout, flush=True)
-            self._last_line = line
+        print(line, file=sys.stdout, flush=True)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self._reconciled:

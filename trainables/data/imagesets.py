@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 if TYPE_CHECKING:
-    from trainables.dataspec import DataSpec
+    from trainables.data.spec import DataSpec
 
 __all__ = [
     "ImageSet",

@@ -2,11 +2,12 @@
 
 Torchvision models are built with torchvision's own public builders and re-wrapped (no layer
 is copied), so parameter counts, and state dicts up to their key names, are exactly
-torchvision's. Lite0 comes from :mod:`trainables.lite`. Every builder is keyword-only and
+torchvision's. Lite0 comes from :mod:`trainables.models.lite`. Every builder is keyword-only and
 thin, as in torchvision: the shared work happens in :func:`_torchvision_backbone` and
-:func:`trainables.weights.finish_backbone`.
+:func:`trainables.models.weights.finish_backbone`.
 
-Importing this module fills the registry; :mod:`trainables.backbones` does so.
+Each builder's name is its registry name (:mod:`trainables.models.registry`), which
+holds its stage count, resolution and weights.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import torchvision
 from torch import nn
 from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 
-from trainables import lite
-from trainables.registry import backbone_spec, register_backbone
-from trainables.scaling import resolve_efficientnet_coefficients
-from trainables.stagednet import IMAGENET_MEAN, IMAGENET_STD, StagedNet, check_num_classes
-from trainables.weights import PRETRAINED_CLASSES, check_weights, finish_backbone, raw_key_map
+from trainables.models import lite
+from trainables.models.registry import PRETRAINED_CLASSES, backbone_spec
+from trainables.models.scaling import resolve_efficientnet_coefficients
+from trainables.models.stagednet import IMAGENET_MEAN, IMAGENET_STD, StagedNet, check_num_classes
+from trainables.models.weights import check_weights, finish_backbone, raw_key_map
 
 __all__ = [
     "alexnet",
@@ -113,98 +114,76 @@ def _torchvision_backbone(
     )
 
 
-_IMAGENET = ("imagenet",)
-
-
-@register_backbone("resnet18", stages=5, resolution=224, weights=_IMAGENET)
 def resnet18(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """ResNet-18 (He et al., 2016)."""
     return _torchvision_backbone("resnet18", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("resnet34", stages=5, resolution=224, weights=_IMAGENET)
 def resnet34(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """ResNet-34 (He et al., 2016)."""
     return _torchvision_backbone("resnet34", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("resnet50", stages=5, resolution=224, weights=_IMAGENET)
 def resnet50(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """ResNet-50 (He et al., 2016)."""
     return _torchvision_backbone("resnet50", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("resnet101", stages=5, resolution=224, weights=_IMAGENET)
 def resnet101(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """ResNet-101 (He et al., 2016)."""
     return _torchvision_backbone("resnet101", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("vgg11_bn", stages=5, resolution=224, weights=_IMAGENET)
 def vgg11_bn(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """VGG-11 with batch norm (Simonyan & Zisserman, 2015)."""
     return _torchvision_backbone("vgg11_bn", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("vgg16_bn", stages=5, resolution=224, weights=_IMAGENET)
 def vgg16_bn(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """VGG-16 with batch norm (Simonyan & Zisserman, 2015)."""
     return _torchvision_backbone("vgg16_bn", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("alexnet", stages=3, resolution=224, weights=_IMAGENET)
 def alexnet(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """AlexNet (Krizhevsky et al., 2012), torchvision's single-tower variant."""
     return _torchvision_backbone("alexnet", num_classes=num_classes, weights=weights)
 
 
-# B0-B7 resolutions are those torchvision's weights were evaluated at; they follow
-# the paper except B2, which torchvision evaluates at 288 (paper: 260).
-
-
-@register_backbone("efficientnet_b0", stages=9, resolution=224, weights=_IMAGENET)
 def efficientnet_b0(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B0 (Tan & Le, 2019), the compound-scaling baseline."""
     return _torchvision_backbone("efficientnet_b0", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("efficientnet_b1", stages=9, resolution=240, weights=_IMAGENET)
 def efficientnet_b1(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B1: width 1.0, depth 1.1."""
     return _torchvision_backbone("efficientnet_b1", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("efficientnet_b2", stages=9, resolution=288, weights=_IMAGENET)
 def efficientnet_b2(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B2: width 1.1, depth 1.2."""
     return _torchvision_backbone("efficientnet_b2", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("efficientnet_b3", stages=9, resolution=300, weights=_IMAGENET)
 def efficientnet_b3(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B3: width 1.2, depth 1.4."""
     return _torchvision_backbone("efficientnet_b3", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("efficientnet_b4", stages=9, resolution=380, weights=_IMAGENET)
 def efficientnet_b4(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B4: width 1.4, depth 1.8."""
     return _torchvision_backbone("efficientnet_b4", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("efficientnet_b5", stages=9, resolution=456, weights=_IMAGENET)
 def efficientnet_b5(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B5: width 1.6, depth 2.2."""
     return _torchvision_backbone("efficientnet_b5", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("efficientnet_b6", stages=9, resolution=528, weights=_IMAGENET)
 def efficientnet_b6(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B6: width 1.8, depth 2.6."""
     return _torchvision_backbone("efficientnet_b6", num_classes=num_classes, weights=weights)
 
 
-@register_backbone("efficientnet_b7", stages=9, resolution=600, weights=_IMAGENET)
 def efficientnet_b7(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
     """EfficientNet-B7: width 2.0, depth 3.1."""
     return _torchvision_backbone("efficientnet_b7", num_classes=num_classes, weights=weights)
@@ -221,7 +200,6 @@ _B0_BLOCKS = tuple(
 )
 
 
-@register_backbone("efficientnet", stages=9, resolution=224)
 def efficientnet(
     *,
     num_classes: int,
@@ -239,7 +217,7 @@ def efficientnet(
     Give either ``width_mult``, ``depth_mult`` and ``resolution`` directly (each
     defaults to B0's 1.0, 1.0, 224), or ``phi`` with optional ``alpha``, ``beta``,
     ``gamma`` (the paper's 1.2, 1.1, 1.15) for
-    :func:`~trainables.scaling.compound_coefficients`. Mixing the two is an error.
+    :func:`~trainables.models.scaling.compound_coefficients`. Mixing the two is an error.
     """
     coeffs = resolve_efficientnet_coefficients(
         width_mult=width_mult,
@@ -267,9 +245,8 @@ def efficientnet(
 # ---------------------------------------------------------------------------- lite0
 
 
-@register_backbone("efficientnet_lite0", stages=9, resolution=224, weights=("packaged",))
 def efficientnet_lite0(*, num_classes: int, weights: str | os.PathLike[str] = "none") -> StagedNet:
-    """EfficientNet-Lite0: B0 without squeeze-excitation, with ReLU6 (see :mod:`trainables.lite`).
+    """EfficientNet-Lite0: B0 without squeeze-excitation, with ReLU6 (see :mod:`.lite`).
 
     Its ImageNet weights are ``weights="packaged"``; they expect TF Lite's input
     normalisation, which ``mean``/``std`` carry.

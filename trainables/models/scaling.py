@@ -1,4 +1,4 @@
-"""EfficientNet compound scaling, and counting a model's parameters and multiply-adds.
+"""EfficientNet compound scaling: depth, width and resolution from one coefficient.
 
 Compound scaling (Tan & Le, 2019) grows a baseline network with one coefficient
 ``phi``: depth by ``alpha ** phi``, width by ``beta ** phi`` and input resolution by
@@ -12,18 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_BETA",
     "DEFAULT_GAMMA",
     "ScaledCoefficients",
     "compound_coefficients",
-    "count_macs",
-    "count_params",
     "flops_constraint_ok",
     "flops_ratio",
     "resolve_efficientnet_coefficients",
@@ -185,45 +179,3 @@ def flops_constraint_ok(alpha: float, beta: float, gamma: float, *, tolerance: f
     if tolerance < 0:
         raise ValueError(f"tolerance={tolerance!r} must be >= 0")
     return abs(flops_ratio(alpha, beta, gamma) - 2.0) <= tolerance
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (trainable or frozen), each shared tensor counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, *, resolution: int) -> int:
-    """Multiply-adds for one ``3 x resolution x resolution`` image.
-
-    Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (convolutions and
-    matrix products, as the EfficientNet paper counts them), halved because it
-    counts a multiply-add as two FLOPs. The model runs once in eval mode without
-    gradients, on the device and dtype of its parameters (a model on the ``meta``
-    device is counted without computing anything). Each module's train/eval flag
-    is restored afterwards.
-
-    Args:
-        model: The network; it must accept a ``(1, 3, H, W)`` batch.
-        resolution: Input side in pixels.
-
-    Returns:
-        Multiply-adds, as an integer.
-    """
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution={resolution!r} must be a positive integer")
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None else torch.float32
-    # Restore per-module flags, not just the root's: frozen stages keep their norm
-    # layers in eval mode during training, and a blanket .train() would undo that.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        x = torch.zeros(1, 3, resolution, resolution, device=device, dtype=dtype)
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    return counter.get_total_flops() // 2

@@ -30,22 +30,21 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from trainables import lite
-from trainables.registry import PRETRAINED_WEIGHTS, backbone_names, backbone_spec
-from trainables.stagednet import StagedNet, last_linear_name
+from trainables.models import lite
+from trainables.models.registry import (
+    PRETRAINED_WEIGHTS,
+    WEIGHT_CHOICES,
+    backbone_names,
+    backbone_spec,
+)
+from trainables.models.stagednet import StagedNet, last_linear_name
 
 __all__ = [
-    "PRETRAINED_CLASSES",
-    "WEIGHT_CHOICES",
     "check_weights",
     "finish_backbone",
     "raw_key_map",
 ]
 
-# Keywords accepted by ``weights=``; any other string is a path to a state dict.
-WEIGHT_CHOICES = ("none", *PRETRAINED_WEIGHTS)
-# Classes of the ImageNet heads that pretrained weights come with.
-PRETRAINED_CLASSES = 1000
 
 # torch.hub's download has no timeout; a network that drops packets would hang a trial.
 _DOWNLOAD_TIMEOUT_S = 30.0

@@ -25,9 +25,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from trainables.dataspec import DataSpec
-from trainables.imagesets import Pool, StreamPool, TensorPool
-from trainables.transforms import chw_tensor, fit_array
+from trainables.data.imagesets import Pool, StreamPool, TensorPool
+from trainables.data.spec import DataSpec
+from trainables.data.transforms import chw_tensor, fit_array
 
 __all__ = ["IMAGE_EXTENSIONS", "check_folders", "load_imagefolder"]
 

@@ -23,9 +23,9 @@ from sklearn.datasets import load_digits as _sklearn_digits
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from trainables.dataspec import TORCHVISION_PREFIX, DataSpec
-from trainables.imagesets import Pool, StreamPool, TensorPool
-from trainables.transforms import chw_tensor, fit_array, fit_tensor
+from trainables.data.imagesets import Pool, StreamPool, TensorPool
+from trainables.data.spec import TORCHVISION_PREFIX, DataSpec
+from trainables.data.transforms import chw_tensor, fit_array, fit_tensor
 
 __all__ = ["load_digits", "load_fake", "load_torchvision", "torchvision_class", "vision_pool"]
 

@@ -1,0 +1,192 @@
+"""The rules a parsed config must follow beyond its types.
+
+Every trial parameter in ``train:`` and ``space:`` is checked against its field of
+:class:`trainables.params.TrialParams` (a distribution's range must lie inside the field's
+valid range, its choices must be valid values), then the rules that tie fields together:
+freeze depth against the sampled backbones' stages, pretrained weights against the
+backbones that have them, EfficientNet coefficients, warm-start points, scheduler settings.
+Files (weights, data folders, storage) are checked later, by :mod:`search.preflight`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.config import Distribution, ExperimentConfig
+from trainables.models.registry import (
+    PRETRAINED_WEIGHTS,
+    available_weights,
+    backbone_names,
+    stage_count,
+)
+from trainables.params import (
+    EFFICIENTNET_KEYS,
+    TRIAL_PARAMS,
+    field_problems,
+    is_integer_field,
+    is_numeric_field,
+    resolve_weights,
+)
+
+__all__ = ["config_problems"]
+
+
+def _value_problems(path: str, key: str, value: Any) -> list[str]:
+    return [f"{path}: {problem}" for problem in field_problems(key, value)]
+
+
+def _distribution_problems(key: str, dist: Distribution) -> list[str]:
+    where = f"space.{key}"
+    if dist.type == "choice":
+        return [p for v in dist.values or [] for p in _value_problems(f"{where}.values", key, v)]
+    if dist.type == "fraction":
+        if key != "freeze_depth":
+            return [f"{where}.type: `fraction` is only for freeze_depth"]
+        return []
+    if not is_numeric_field(key):
+        return [f"{where}.type: {key} is not a number; search it with "
+                f"`{{type: choice, values: [...]}}`"]
+    if is_integer_field(key) and dist.type != "int":
+        return [f"{where}.type: {key} takes integers; use `int` (or `choice`), not "
+                f"`{dist.type}`"]
+    problems = []
+    for bound in ("low", "high"):
+        value = getattr(dist, bound)
+        value = int(value) if dist.type == "int" else value
+        problems += _value_problems(f"{where}.{bound}", key, value)
+    return problems
+
+
+def _single_field_problems(cfg: ExperimentConfig) -> list[str]:
+    problems: list[str] = []
+    for key, value in cfg.train.items():
+        if key not in TRIAL_PARAMS:
+            problems.append(f"train.{key}: unknown key; valid keys are {sorted(TRIAL_PARAMS)}")
+        elif key in cfg.space:
+            problems.append(f"train.{key}: also in space; fix it in one place only")
+        else:
+            problems += _value_problems(f"train.{key}", key, value)
+    for key, entry in cfg.space.items():
+        if isinstance(entry, Distribution):
+            problems += _distribution_problems(key, entry)
+        else:
+            problems += _value_problems(f"space.{key}", key, entry)
+    if not cfg.searched():
+        problems.append("space: no parameter is searched; give at least one distribution "
+                        "(e.g. `lr: {type: loguniform, low: 1e-4, high: 1e-1}`)")
+    return problems
+
+
+def _freeze_depth_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
+    depth = cfg.space.get("freeze_depth", cfg.train.get("freeze_depth", 0))
+    max_stages = max(stage_count(b) for b in backbones)
+    min_stages = min(stage_count(b) for b in backbones)
+    if not isinstance(depth, Distribution):
+        if depth > min_stages:
+            where = "space" if "freeze_depth" in cfg.space else "train"
+            return [f"{where}.freeze_depth: {depth!r} is outside 0..{min_stages}, the stage "
+                    f"range of {backbones}"]
+        return []
+    problems = []
+    if depth.type == "int" and depth.low > min_stages:
+        problems.append(f"space.freeze_depth.low: {int(depth.low)} is above the stage count "
+                        f"of {backbones} (valid: 0..{min_stages})")
+    if depth.type == "int" and depth.high > max_stages:
+        problems.append(f"space.freeze_depth.high: {int(depth.high)} is above every backbone's "
+                        f"stage count (valid: 0..{max_stages}); freeze_depth is capped per "
+                        f"backbone at its own stage count")
+    if depth.type == "choice" and any(v > min_stages for v in depth.values or []):
+        problems.append(f"space.freeze_depth.values: must be within 0..{min_stages} for "
+                        f"{backbones}")
+    return problems
+
+
+def _weights_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
+    where = "space.weights" if "weights" in cfg.space else "train.weights"
+    entry = cfg.space.get("weights", cfg.train.get("weights", "none"))
+    options = entry.values or [] if isinstance(entry, Distribution) else [entry]
+    problems = set()
+    for weights in options:
+        for backbone in backbones:
+            chosen = resolve_weights(weights, backbone)
+            if chosen in PRETRAINED_WEIGHTS and chosen not in available_weights(backbone):
+                having = [b for b in backbone_names() if chosen in available_weights(b)]
+                key = ("" if not isinstance(weights, dict)
+                       else f".{backbone if backbone in weights else 'default'}")
+                problems.add(f"{where}{key}: {chosen!r} weights do not exist for {backbone!r}; "
+                             f"backbones with {chosen!r} weights: {having}")
+    return sorted(problems)
+
+
+def _efficientnet_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
+    problems = []
+    coeffs = [k for k in EFFICIENTNET_KEYS if k in cfg.space or k in cfg.train]
+    if coeffs and "efficientnet" not in backbones:
+        problems.append(f"space: {coeffs} only apply to backbone 'efficientnet', which is not "
+                        f"among the backbones {backbones}")
+    if {"phi"} & set(coeffs) and {"width_mult", "depth_mult"} & set(coeffs):
+        problems.append("space: give either width_mult/depth_mult(/resolution) or "
+                        "phi/alpha/beta/gamma, not both")
+    if "phi" in coeffs and ("resolution" in cfg.space or "resolution" in cfg.train):
+        problems.append("space.resolution: with phi the resolution is derived "
+                        "(224 * gamma**phi); remove resolution from train/space")
+    if cfg.search.compound_constraint is not None:
+        if "phi" not in coeffs:
+            problems.append("search.compound_constraint: needs phi (and alpha/beta) in space")
+        if "gamma" in cfg.space:
+            problems.append("space.gamma: derived from alpha and beta under "
+                            "search.compound_constraint; remove it from space")
+    return problems
+
+
+def _points_problems(cfg: ExperimentConfig) -> list[str]:
+    """Each warm-start point names searched parameters with values their distributions allow."""
+    searched = cfg.searched()
+    fraction = "freeze_depth" in searched and searched["freeze_depth"].type == "fraction"
+    problems = []
+    for i, point in enumerate(cfg.search.points_to_evaluate):
+        for key, value in point.items():
+            where = f"search.points_to_evaluate[{i}].{key}"
+            if key == "freeze_fraction" and fraction:
+                key = "freeze_depth"
+            elif key == "freeze_depth" and fraction:
+                problems.append(f"{where}: freeze_depth is searched as a fraction here; give "
+                                f"freeze_fraction (0..1) instead")
+                continue
+            dist = searched.get(key)
+            if dist is None:
+                problems.append(f"{where}: not a searched parameter; searched ones are "
+                                f"{sorted(searched)}")
+            elif dist.type == "choice":
+                if value not in (dist.values or []):
+                    problems.append(f"{where}: {value!r} is not among {dist.values}")
+            elif (isinstance(value, bool) or not isinstance(value, int | float)
+                  or not dist.low <= value <= dist.high):
+                problems.append(f"{where}: {value!r} is outside [{dist.low:g}, {dist.high:g}]")
+    return problems
+
+
+def _scheduler_problems(cfg: ExperimentConfig) -> list[str]:
+    problems = []
+    sched = cfg.scheduler
+    max_t = sched.max_t or cfg.epochs
+    if sched.type in ("asha", "hyperband", "median") and sched.grace_period > max_t:
+        problems.append(f"scheduler.grace_period: {sched.grace_period} is larger than the "
+                        f"{max_t} epochs a trial runs (scheduler.max_t / train.epochs)")
+    if sched.type == "pbt" and cfg.search.algorithm != "random":
+        problems.append("scheduler.type: pbt mutates trials itself and works with "
+                        "search.algorithm: random only")
+    if len(cfg.search.objectives) > 1 and cfg.search.algorithm == "grid":
+        problems.append("search.objectives: a grid has no Pareto search; use optuna or random")
+    return problems
+
+
+def config_problems(cfg: ExperimentConfig) -> list[str]:
+    """Every rule ``cfg`` breaks, one line each naming the field; empty when it is valid."""
+    problems = _single_field_problems(cfg)
+    if problems:
+        return problems  # the cross-field rules below assume each value is sane
+    backbones = cfg.backbone_choices()
+    return (_freeze_depth_problems(cfg, backbones) + _weights_problems(cfg, backbones)
+            + _efficientnet_problems(cfg, backbones) + _points_problems(cfg)
+            + _scheduler_problems(cfg))
