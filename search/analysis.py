@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from search import contract as C
 from search.config import Distribution
+from trainables import metrics as M
 
 __all__ = [
     "AnalysisError",
@@ -310,6 +311,12 @@ def _matching_trial(trials: pd.DataFrame, point: Mapping[str, Any]) -> pd.Series
     return None
 
 
+def _first_line(error: str) -> str:
+    # `error` holds the exception's own line first, then traceback context.
+    first = error.strip().splitlines()[0] if error.strip() else error
+    return first.split(f"{M.SETUP_FAILURE}: ", 1)[-1]
+
+
 def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
                 ) -> tuple[list[str], bool]:
     """The end-of-run summary of an experiment, and whether any trial produced a result.
@@ -323,12 +330,17 @@ def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
     lines = ["", f"trials: {len(trials)} (" + ", ".join(
         f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")"]
     best = C.best_trial(trials)
+    errors = trials["error"].dropna()
+    setup = errors[errors.str.contains(M.SETUP_FAILURE, regex=False)]
+    if not setup.empty:
+        # The search stopped on it (search.callback.FailFast): the cause, once.
+        lines.append(f"search stopped: a trial failed in setup, as every trial would:\n  "
+                     f"{_first_line(setup.iloc[0])}\nfull text: `error` in "
+                     f"{directory / C.TRIALS_FILE}")
+        return lines, False
     if best is None:
-        errors = trials["error"].dropna()
-        if not errors.empty:
-            lines.append("no trial finished; first error:\n" + errors.iloc[0])
-        else:
-            lines.append("no trial finished")
+        lines.append("no trial finished" + (f"; first error:\n  {_first_line(errors.iloc[0])}"
+                                            if not errors.empty else ""))
         return lines, False
     lines.append(f"best trial: {best['trial_id']}  top-1 {best['best_top1']:.2f}%  "
                  f"top-5 {best['best_top5']:.2f}%  epochs {best['epochs']}  "

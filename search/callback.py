@@ -1,7 +1,12 @@
 """Tune callback on the driver: every result into the :class:`~search.store.ResultsStore`.
 
 It also prints a one-line progress summary (trials running / done / stopped
-early, best top-1 so far, elapsed) whenever something changes.
+early, best top-1 so far, elapsed) whenever a trial ends, and stops a hopeless search:
+a trial that fails in setup (``TrialSetupError``, :data:`trainables.metrics.SETUP_FAILURE`:
+weights or data
+that cannot load) fails the same way in every retry and every later trial, so the first
+one ends the search (:class:`FailFast`) instead of burning ``max_failures`` retries per
+trial. Other failures (a lost node, OOM on one configuration) retry as configured.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from search.contract import STATUSES, Status
 from search.store import ResultsStore
 from trainables import metrics as M
 
-__all__ = ["ParquetCallback"]
+__all__ = ["FailFast", "ParquetCallback"]
+
 
 
 def _error_text(trial: Any) -> str:
@@ -33,6 +39,23 @@ def _error_text(trial: Any) -> str:
     return str(getattr(trial, "error_msg", None) or "trial failed (no error file)")
 
 
+class FailFast(tune.Stopper):
+    """Stops the whole search once a trial failed in setup; Tune asks it after every step.
+
+    The callback sets :attr:`reason`; both live in the same Tune run config (and pickle),
+    so a resumed driver gets a fresh, unset one.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.reason is not None
+
+
 class ParquetCallback(tune.Callback):
     """Feeds a :class:`ResultsStore` and prints progress.
 
@@ -41,7 +64,9 @@ class ParquetCallback(tune.Callback):
     """
 
     def __init__(self, *, directory: str, param_types: Mapping[str, str], max_epochs: int,
-                 objectives: Sequence[tuple[str, str]], min_interval_s: float = 2.0) -> None:
+                 objectives: Sequence[tuple[str, str]], fail_fast: FailFast | None = None,
+                 min_interval_s: float = 2.0) -> None:
+        self.fail_fast = fail_fast
         self.store_args = {"directory": directory, "param_types": dict(param_types),
                            "max_epochs": max_epochs, "objectives": list(objectives)}
         self.min_interval_s = min_interval_s
@@ -121,9 +146,32 @@ class ParquetCallback(tune.Callback):
         self.store.finish(trial.trial_id)
         self._write(force=True)
 
+    def _check_setup_failure(self, trial: Any) -> str:
+        text = _error_text(trial)
+        if self.fail_fast is not None and M.SETUP_FAILURE in text and not self.fail_fast.reason:
+            self.fail_fast.reason = text
+        return text
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # A retry is about to start; a setup failure would only repeat.
+        text = self._check_setup_failure(trial)
+        if self.fail_fast is not None and self.fail_fast.reason:
+            self.store.finish(trial.trial_id, error=text)
+            self._write(force=True)
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.store.finish(trial.trial_id, error=_error_text(trial))
+        self.store.finish(trial.trial_id, error=self._check_setup_failure(trial))
         self._write(force=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # Trials the search stopped without a result of theirs (fail-fast, time budget)
+        # end with the experiment; none stays RUNNING in trials.parquet.
+        for trial in trials:
+            row = self.store.trials.get(trial.trial_id)
+            if row is None or row["status"] != Status.RUNNING:
+                continue
+            if trial.status == "ERROR":
+                self.store.finish(trial.trial_id, error=_error_text(trial))
+            elif trial.status == "TERMINATED":
+                self.store.finish(trial.trial_id)
         self._write(force=True)

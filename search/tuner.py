@@ -21,7 +21,7 @@ from ray.tune.schedulers import (
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.callback import ParquetCallback
+from search.callback import FailFast, ParquetCallback
 from search.config import ExperimentConfig
 from search.space import (
     column_types,
@@ -153,12 +153,13 @@ def build_searcher(cfg: ExperimentConfig, points: list[dict[str, Any]] | None = 
         sampler=make_sampler(cfg))
 
 
-def _callbacks(cfg: ExperimentConfig) -> list[Any]:
+def _callbacks(cfg: ExperimentConfig, fail_fast: FailFast) -> list[Any]:
     return [ParquetCallback(
         directory=cfg.directory,
         param_types=column_types(cfg),
         max_epochs=cfg.scheduler.max_t or cfg.epochs,
         objectives=[(o.metric, o.mode) for o in cfg.search.objectives],
+        fail_fast=fail_fast,
     )]
 
 
@@ -181,13 +182,15 @@ def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
         # A reused actor keeps torch imported and the dataset decoded.
         reuse_actors=True,
     )
+    fail_fast = FailFast()
     run_config = tune.RunConfig(
         name=cfg.name,
         storage_path=storage_root(cfg.storage),
         failure_config=tune.FailureConfig(max_failures=cfg.failure.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode),
-        callbacks=_callbacks(cfg),
+        callbacks=_callbacks(cfg, fail_fast),
+        stop=fail_fast,
         verbose=0,
     )
     return tune.Tuner(_trainable(cfg), param_space=_param_space(cfg, points),

@@ -18,6 +18,7 @@ __all__ = [
     "RESUMED_FROM",
     "SAMPLES_PER_S",
     "SECONDS",
+    "SETUP_FAILURE",
     "TOP1",
     "TOP5",
     "TRAIN_LOSS",
@@ -40,6 +41,11 @@ PEAK_GPU_MB = "peak_gpu_mb"
 # Epoch of the checkpoint the trial run restored (0: started fresh): evidence that a
 # retried or resumed trial continued from its checkpoint instead of from scratch.
 RESUMED_FROM = "resumed_from"
+
+# Name of the exception a trial raises when it fails in setup (weights or data that cannot
+# load): the driver stops the search on it (search.callback.FailFast), and the summary
+# reads it in trials.parquet's `error` column. trainables.runtime.TrialSetupError has it.
+SETUP_FAILURE = "TrialSetupError"
 
 # Keys that epochs.parquet records for every reported epoch.
 EPOCH_METRICS = (

@@ -42,13 +42,14 @@ def _is_loopback(ip: str) -> bool:
 
 
 def test_diverging_and_crashing_trials_do_not_sink_the_search(tmp_path):
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"this is not a state dict")
+    # AlexNet's last max-pool has nothing to pool at 32 px: a crash of that configuration
+    # only (weights and data problems are refused before Ray starts, or stop the search).
     cfg = {**TINY, "name": "faults", "storage": str(tmp_path / "runs"),
-           "train": {k: v for k, v in TINY["train"].items() if k != "weights"},
+           "train": {k: v for k, v in TINY["train"].items()
+                     if k not in ("weights", "resolution")},
            "space": {"backbone": "alexnet", "freeze_depth": 1,
                      "lr": {"type": "choice", "values": [0.01, 1.0e12]},
-                     "weights": {"type": "choice", "values": ["none", str(corrupt)]}},
+                     "resolution": {"type": "choice", "values": [64, 32]}},
            "search": {"algorithm": "grid", "max_concurrent": 2},
            "scheduler": {"type": "none"}, "failure": {"max_failures": 0}}
     config = write_config(tmp_path / "faults.yaml", cfg)
@@ -94,14 +95,14 @@ def test_diverging_and_crashing_trials_do_not_sink_the_search(tmp_path):
     assert all(_is_loopback(ip) for ip in addresses), addresses
 
     trials = pd.read_parquet(directory / "trials.parquet")
-    by = {(r["config.lr"], r["config.weights"]): r for _, r in trials.iterrows()}
+    by = {(r["config.lr"], r["config.resolution"]): r for _, r in trials.iterrows()}
     assert len(trials) == 4
-    assert by[(0.01, "none")]["status"] == "TERMINATED"
-    assert by[(1.0e12, "none")]["status"] == "DIVERGED"
+    assert by[(0.01, 64)]["status"] == "TERMINATED"
+    assert by[(1.0e12, 64)]["status"] == "DIVERGED"
     for lr in (0.01, 1.0e12):
-        failed = by[(lr, str(corrupt))]
+        failed = by[(lr, 32)]
         assert failed["status"] == "ERROR"
-        assert str(corrupt) in failed["error"] or "state dict" in failed["error"].lower()
+        assert "too small" in failed["error"]
     assert "1 diverged" in out and "2 errored" in out
 
 

@@ -5,7 +5,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from search.store import EPOCHS_FILE, SCHEMA_VERSION, TRIALS_FILE, ResultsStore
+from search.contract import (
+    EPOCH_COLUMNS,
+    EPOCHS_FILE,
+    SCHEMA_VERSION,
+    TRIAL_COLUMNS,
+    TRIALS_FILE,
+    config_column,
+)
+from search.store import ResultsStore
 
 TYPES = {"backbone": "string", "freeze_depth": "int64", "lr": "float64"}
 
@@ -37,7 +45,11 @@ def test_files_follow_the_contract_and_read_back_in_pandas_and_duckdb(tmp_path):
     assert list(trials.trial_id) == ["a", "b"]
     a = trials.set_index("trial_id").loc["a"]
     assert a.status == "TERMINATED" and a.best_top1 == 70.0 and a.last_top1 == 65.0
-    assert a.epochs == 3 and a.flops == 250_000_000 and a.train_seconds == 6.0
+    assert a.epochs == 3 and a.gmacs == 0.25 and a.train_seconds == 6.0
+    # Exactly the contract's columns: no column misnames what it holds (no `flops`).
+    assert list(trials.columns) == [*TRIAL_COLUMNS[:2], *map(config_column, TYPES),
+                                    *TRIAL_COLUMNS[2:]]
+    assert list(epochs.columns) == list(EPOCH_COLUMNS)
     assert trials.set_index("trial_id").loc["b"].status == "STOPPED_EARLY"
     assert str(trials["config.freeze_depth"].dtype) == "int64"
     assert trials["config.backbone"].tolist() == ["resnet18", "resnet18"]
