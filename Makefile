@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 # Each demo run is a new experiment (runs/demo-<time>), so `make demo` can be repeated.
 demo: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/ftsearch run configs/demo.yaml \
+	$(BIN)/ftsearch run configs/demo.yaml \
 		--name demo-$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)

@@ -39,7 +39,7 @@ TRIAL: dict[str, Any] = {
     "backbone": "efficientnet_lite0", "weights": "packaged", "resolution": 64, "epochs": 3,
     "batch_size": 32, "lr": 0.05, "lr_scale": 0.1, "data": DEMO_DATA, "device": "cpu",
 }
-_SMOKE = {"backbone": "resnet18", "weights": "none", "resolution": 16, "epochs": 2,
+_SMOKE = {"backbone": "resnet18", "weights": "none", "resolution": 32, "epochs": 2,
           "max_steps_per_epoch": 1,
           "data": {"source": "digits", "samples_per_class": 4, "val_fraction": 0.05}}
 
@@ -148,7 +148,7 @@ def run(*, smoke: bool = False) -> Section:
     load_before = load_average()
     full = measure(trial, n)
     half = measure(trial, round(0.5 * n))
-    bounds = {(b, d): ceiling(b, d, resolution=16 if smoke else 64, reps=1 if smoke else 3)
+    bounds = {(b, d): ceiling(b, d, resolution=32 if smoke else 64, reps=1 if smoke else 3)
               for b, d in ([("resnet18", 2)] if smoke else
                            [("efficientnet_lite0", 4), ("resnet18", 2), ("resnet50", 2)])}
     section.figures += [

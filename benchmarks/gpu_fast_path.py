@@ -172,7 +172,7 @@ def run(*, smoke: bool = False) -> Section:
                              at_least=True, fmt="{:.2f}") if cuda else
                 Figure(f"{name}: trial / bare images/s (smoke, CPU)", f"{trial / bare:.2f}",
                        f"≥ {GOAL_RATIO}", OPEN))
-    small = ({**SMALL_TRIAL, "resolution": 16, "epochs": 2, "max_steps_per_epoch": 1}
+    small = ({**SMALL_TRIAL, "resolution": 32, "epochs": 2, "max_steps_per_epoch": 1}
              if smoke else SMALL_TRIAL)
     data = sizes.get("data") or {**FAKE, "fake_size": 8192}
     packed = packing(per_gpu=2 if smoke else 4, gpu=0.25 if cuda else 0.0, trial=small,

@@ -32,7 +32,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "packaged weights, feature extraction": {"weights": "packaged", "freeze_depth": 9,
                                              "lr": 0.1, "batch_size": 32},
 }
-_SMOKE = {"resolution": 16, "epochs": 1, "max_steps_per_epoch": 1,
+_SMOKE = {"resolution": 32, "epochs": 1, "max_steps_per_epoch": 1,
           "data": {"source": "digits", "samples_per_class": 4, "val_fraction": 0.05}}
 
 

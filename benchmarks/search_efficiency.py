@@ -55,7 +55,7 @@ SPACE = {
     "lr": {"type": "loguniform", "low": 0.003, "high": 0.3, "grid_points": 3},
     "lr_scale": {"type": "loguniform", "low": 0.01, "high": 1.0, "grid_points": 3},
 }
-_SMOKE_TRAIN = {**TRAIN, "resolution": 16, "epochs": 2, "max_steps_per_epoch": 1}
+_SMOKE_TRAIN = {**TRAIN, "resolution": 32, "epochs": 2, "max_steps_per_epoch": 1}
 _SMOKE_SPACE = {
     "backbone": {"type": "choice", "values": ["resnet18"]},
     "freeze_depth": {"type": "int", "low": 3, "high": 5, "step": 2},

@@ -47,7 +47,7 @@ GPU_TRIAL: dict[str, Any] = {
     "data": {"source": "fake", "fake_size": 4096, "val_fraction": 0.1},
     "cache_dir": None, "device": "cuda",
 }
-_SMOKE = {"backbone": "resnet18", "weights": "none", "resolution": 16, "epochs": 2,
+_SMOKE = {"backbone": "resnet18", "weights": "none", "resolution": 32, "epochs": 2,
           "max_steps_per_epoch": 1, "eval_batch_size": 512,
           "data": {"source": "digits", "samples_per_class": 4, "val_fraction": 0.05}}
 

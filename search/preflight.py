@@ -154,17 +154,22 @@ def _weights_choices(cfg: ExperimentConfig) -> dict[tuple[str, str, str], None]:
 def _weights_problems(cfg: ExperimentConfig) -> list[str]:
     problems: dict[str, None] = {}  # a path shared by several backbones is named once
     reachable: dict[str, bool] = {}  # one probe per download host
+    checked: dict[tuple[str, str], str | None] = {}  # each file is read once
     for field, backbone, weights in _weights_choices(cfg):
         if weights == "none":
             continue
         if weights in PRETRAINED_WEIGHTS and weights not in available_weights(backbone):
             continue  # the config rules already refused it
-        if weights == "packaged":
-            problem = _packaged_problem()
-        elif weights == "imagenet":
-            problem = _imagenet_problem(backbone, reachable)
-        else:
-            problem = _file_problem(weights)
+        # ImageNet weights are one file per backbone; packaged ones and paths are one file.
+        key = (weights, backbone if weights == "imagenet" else "")
+        if key not in checked:
+            if weights == "packaged":
+                checked[key] = _packaged_problem()
+            elif weights == "imagenet":
+                checked[key] = _imagenet_problem(backbone, reachable)
+            else:
+                checked[key] = _file_problem(weights)
+        problem = checked[key]
         if problem:
             problems[f"{field}: {problem}"] = None
     return list(problems)
@@ -190,8 +195,10 @@ def _file_problem(weights: str) -> str | None:
     if not path.exists():
         return (f"{weights!r} is neither one of {list(WEIGHT_CHOICES)} nor an existing file "
                 f"(a state dict saved with torch.save)")
-    if not path.is_file():
+    if path.is_dir():
         return f"{weights!r} is a directory, not a state-dict file"
+    if not path.is_file():  # a pipe or a device would block or never end
+        return f"{weights!r} is not a regular file"
     why = _state_dict_problem(path)
     return f"cannot read {weights!r} as a state dict ({why})" if why else None
 
@@ -230,11 +237,11 @@ def _state_dict_problem(path: Path) -> str | None:
     """
     import torch
 
-    if path.stat().st_size == 0:
-        return "the file is empty"
     try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except Exception as err:  # not a torch file, truncated, pickled objects beyond tensors
+    except Exception as err:  # unreadable, not a torch file, truncated, pickled objects
         return _detail(err)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]

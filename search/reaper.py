@@ -2,32 +2,59 @@
 
 Ray ties the GCS and the raylet to the driver (they die with it, even on SIGKILL), but the
 raylet's own children (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and any process a
-worker started outlive them for minutes. The driver therefore tags its environment with
-``FTSEARCH_RUN_TAG=<uuid>`` before starting Ray, so every process of the run inherits the
-tag, and starts ``python -m search.reaper <tag>`` in its own session with a pipe on stdin.
-The reaper blocks reading that pipe; the kernel closes the driver's end when the driver
-exits for any reason (return, exception, SIGTERM, SIGKILL), and the reaper then ends every
-process that still carries the tag: SIGTERM, a short grace, SIGKILL.
+worker started outlive them for minutes. So the driver tags its environment with
+``FTSEARCH_RUN_TAG=<uuid>`` before starting Ray, and starts ``python -m search.reaper <tag>``
+in its own session with a pipe on stdin. The kernel closes the driver's end of the pipe
+when the driver exits for any reason (return, exception, SIGTERM, SIGKILL); the reaper then
+ends the run's processes that are still alive: SIGTERM, a short grace, SIGKILL.
+
+The run's processes are those that carry the tag in their environment, and every process
+below one of them. The tag alone is not enough: a process that sets its title (the agents
+do, ``ray::DashboardAgent``) overwrites the environment the kernel shows for it. So while
+the driver lives, the reaper also remembers, every second, the tagged processes under the
+driver and everything below them; a remembered process is the same one (psutil checks its
+start time), never a later process that reused its pid.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import psutil
 
-__all__ = ["TAG_VAR", "reap", "spawn_reaper", "tagged_processes"]
+__all__ = ["TAG_VAR", "reap", "run_processes", "spawn_reaper", "tagged_processes"]
 
 TAG_VAR = "FTSEARCH_RUN_TAG"
 GRACE_S = 3.0
+WATCH_EVERY_S = 1.0
 # A process alive at one sweep may have started another just before dying; a few sweeps
 # catch those without looping forever on something that cannot be killed.
 SWEEPS = 3
+
+Processes = dict[int, psutil.Process]
+
+
+def _has_tag(proc: psutil.Process, tag: str) -> bool:
+    try:
+        return proc.environ().get(TAG_VAR) == tag
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _children_map() -> dict[int, list[psutil.Process]]:
+    """Parent pid -> its children, from one pass over the process table."""
+    children: dict[int, list[psutil.Process]] = defaultdict(list)
+    for proc in psutil.process_iter(["ppid"]):
+        children[proc.info["ppid"]].append(proc)
+    return children
 
 
 def tagged_processes(tag: str) -> list[psutil.Process]:
@@ -37,50 +64,118 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
         tag: the run's tag.
 
     Returns:
-        The processes found; those of other users (unreadable) and those that end while
-        being read are left out.
+        The processes found; those of other users (unreadable), those that end while being
+        read and those whose title overwrote their environment are left out.
     """
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
+    return [p for p in psutil.process_iter() if p.pid != os.getpid() and _has_tag(p, tag)]
+
+
+def _with_descendants(roots: Iterable[psutil.Process],
+                      children: dict[int, list[psutil.Process]]) -> Processes:
+    found: Processes = {}
+    stack = list(roots)
+    while stack:
+        proc = stack.pop()
+        if proc.pid in found or proc.pid == os.getpid():
             continue
-        try:
-            if proc.environ().get(TAG_VAR) == tag:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+        found[proc.pid] = proc
+        stack.extend(children.get(proc.pid, ()))
     return found
+
+
+def run_processes(tag: str, *, under: int | None = None) -> Processes:
+    """The run's processes: those tagged ``tag``, and every process below one of them.
+
+    Args:
+        tag: the run's tag.
+        under: look among this process's descendants only (the driver's, while it lives),
+            which reads the environment of a few processes instead of all of them.
+
+    Returns:
+        pid -> process.
+    """
+    children = _children_map()
+    if under is None:
+        return _with_descendants(tagged_processes(tag), children)
+    roots, stack = [], list(children.get(under, ()))
+    while stack:
+        proc = stack.pop()
+        if _has_tag(proc, tag):
+            roots.append(proc)  # it and all below it: no need to read their environment
+        else:
+            stack.extend(children.get(proc.pid, ()))
+    return _with_descendants(roots, children)
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        # is_running() compares start times: a pid reused by another process is not ours.
+        # A zombie has ended; only its parent (or init, for an orphan) can clear it.
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _alive(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if _is_alive(p)]
+
+
+def _wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Waits until ``procs`` have ended, ``timeout`` at most; returns those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = _alive(procs)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = _alive(alive)
+    return alive
 
 
 def _signal_all(procs: Sequence[psutil.Process], sig: signal.Signals) -> None:
     for proc in procs:
         try:
-            proc.send_signal(sig)
+            proc.send_signal(sig)  # psutil refuses a pid reused by another process
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
 
 
-def reap(tag: str, grace_s: float = GRACE_S) -> list[int]:
-    """Ends every process tagged ``tag``: SIGTERM, up to ``grace_s`` seconds, then SIGKILL.
+def reap(tag: str, known: Iterable[psutil.Process] = (), grace_s: float = GRACE_S
+         ) -> list[int]:
+    """Ends the run's processes: SIGTERM, up to ``grace_s`` seconds, then SIGKILL.
 
     Args:
         tag: the run's tag.
+        known: processes of the run seen earlier (those whose environment no longer shows
+            the tag among them); those since ended or replaced are skipped.
         grace_s: how long the processes get to exit after SIGTERM.
 
     Returns:
         The ids of the processes signalled.
     """
     signalled: list[int] = []
+    known = _alive(known)
     for _ in range(SWEEPS):
-        procs = tagged_processes(tag)
-        if not procs:
+        procs = _with_descendants([*_alive(known), *tagged_processes(tag)], _children_map())
+        targets = _alive(procs.values())
+        if not targets:
             break
-        signalled += [p.pid for p in procs]
-        _signal_all(procs, signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        signalled += [p.pid for p in targets]
+        _signal_all(targets, signal.SIGTERM)
+        alive = _wait_gone(targets, grace_s)
         _signal_all(alive, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=grace_s)
+        _wait_gone(alive, grace_s)
     return signalled
+
+
+def _watch(tag: str, driver: int, pipe: int) -> Processes:
+    """Remembers the run's processes under ``driver`` until ``pipe`` reaches end of file."""
+    seen: Processes = {}
+    while True:
+        readable, _, _ = select.select([pipe], [], [], WATCH_EVERY_S)
+        if readable and not os.read(pipe, 65536):
+            return seen
+        # Forget those that ended: the run's trial workers come and go.
+        seen = {pid: p for pid, p in seen.items() if _is_alive(p)}
+        seen.update(run_processes(tag, under=driver))
 
 
 def spawn_reaper(tag: str) -> subprocess.Popen:
@@ -116,9 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only the driver's exit may start the sweep, never a signal meant for the driver.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    while sys.stdin.buffer.read(65536):
-        pass
-    reap(args[0])
+    seen = _watch(args[0], driver=os.getppid(), pipe=sys.stdin.fileno())
+    reap(args[0], known=seen.values())
     return 0
 
 

@@ -39,7 +39,6 @@ TINY = {
 
 def ftsearch_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env["PYTHONPATH"] = str(ROOT)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
