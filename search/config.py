@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from search.storage import experiment_dir
 from search.yamlfile import YamlFileError, read_yaml
 from trainables.data.spec import parse_spec
+from trainables.models.registry import WEIGHT_CHOICES
 from trainables.params import TRIAL_PARAMS, TrialParams
 
 __all__ = [
@@ -40,6 +41,15 @@ SCHEDULERS = ("asha", "hyperband", "pbt", "median", "none")
 DISTRIBUTION_TYPES = ("choice", "int", "uniform", "loguniform", "fraction")
 # An experiment name is one plain directory name: no separators, not "." or "..", not hidden.
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+
+
+def _absolute_weights(weights: Any) -> Any:
+    """A weights entry with each state-dict path made absolute (keywords left as they are)."""
+    if isinstance(weights, Mapping):
+        return {k: _absolute_weights(v) for k, v in weights.items()}
+    if isinstance(weights, str) and weights and weights not in WEIGHT_CHOICES:
+        return str(Path(weights).expanduser().resolve())
+    return weights
 
 
 class ConfigError(ValueError):
@@ -185,12 +195,21 @@ class ExperimentConfig(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _absolute_data_paths(self) -> ExperimentConfig:
-        # Trials run in other working directories (and on other nodes): pin paths now.
+    def _absolute_paths(self) -> ExperimentConfig:
+        # Trials run in other working directories (Tune's trial folders, other nodes): pin
+        # relative data and weights paths to the directory the config was loaded from.
         for key in ("path", "val_path", "root"):
             value = self.data.get(key)
             if isinstance(value, str) and "://" not in value:
                 self.data[key] = str(Path(value).expanduser().resolve())
+        if "weights" in self.train:
+            self.train["weights"] = _absolute_weights(self.train["weights"])
+        entry = self.space.get("weights")
+        if isinstance(entry, Distribution) and entry.values:
+            self.space["weights"] = entry.model_copy(
+                update={"values": [_absolute_weights(v) for v in entry.values]})
+        elif entry is not None:
+            self.space["weights"] = _absolute_weights(entry)
         return self
 
     def searched(self) -> dict[str, Distribution]:

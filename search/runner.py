@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from search import contract as C
-from search.analysis import run_summary
 from search.config import ConfigError, ExperimentConfig, dump_config, load_config
 from search.preflight import preflight_problems
 from search.storage import is_uri
@@ -48,6 +47,8 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
             return C.EXIT_FAILED
     finally:
         session.stop_ray()
+    from search.analysis import run_summary  # pandas: not on the path of a refused run
+
     lines, ok = run_summary(cfg.directory, cfg.search.points_to_evaluate)
     print("\n".join(lines), flush=True)
     return C.EXIT_OK if ok else C.EXIT_FAILED
