@@ -45,6 +45,9 @@ def _quiet_ray() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Each failed trial's traceback is in trials.parquet (`error`) and its error.txt.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # A trial stopped after its task already failed leaves a result nobody reads; Ray would
+    # print that failure's traceback again ("Unhandled error") though Tune recorded it.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     import optuna
 
     # "A new study created in memory with name: optuna": the study is Tune's, not the user's.
