@@ -11,7 +11,7 @@ ends the run's processes that are still alive: SIGTERM, a short grace, SIGKILL.
 The run's processes are those that carry the tag in their environment, and every process
 below one of them. The tag alone is not enough: a process that sets its title (the agents
 do, ``ray::DashboardAgent``) overwrites the environment the kernel shows for it. So while
-the driver lives, the reaper also remembers, every second, the tagged processes under the
+the driver lives, the reaper also remembers, every 2 s, the tagged processes under the
 driver and everything below them; a remembered process is the same one (psutil checks its
 start time), never a later process that reused its pid.
 """
@@ -34,7 +34,8 @@ __all__ = ["TAG_VAR", "reap", "run_processes", "spawn_reaper", "tagged_processes
 
 TAG_VAR = "FTSEARCH_RUN_TAG"
 GRACE_S = 3.0
-WATCH_EVERY_S = 1.0
+# Ray starts its agents with the run and they live as long: a look every 2 s finds them.
+WATCH_EVERY_S = 2.0
 # A process alive at one sweep may have started another just before dying; a few sweeps
 # catch those without looping forever on something that cannot be killed.
 SWEEPS = 3
@@ -83,28 +84,42 @@ def _with_descendants(roots: Iterable[psutil.Process],
     return found
 
 
-def run_processes(tag: str, *, under: int | None = None) -> Processes:
+def run_processes(tag: str) -> Processes:
     """The run's processes: those tagged ``tag``, and every process below one of them.
 
     Args:
         tag: the run's tag.
-        under: look among this process's descendants only (the driver's, while it lives),
-            which reads the environment of a few processes instead of all of them.
 
     Returns:
         pid -> process.
     """
-    children = _children_map()
-    if under is None:
-        return _with_descendants(tagged_processes(tag), children)
-    roots, stack = [], list(children.get(under, ()))
-    while stack:
-        proc = stack.pop()
-        if _has_tag(proc, tag):
-            roots.append(proc)  # it and all below it: no need to read their environment
-        else:
-            stack.extend(children.get(proc.pid, ()))
-    return _with_descendants(roots, children)
+    return _with_descendants(tagged_processes(tag), _children_map())
+
+
+def _run_below(tag: str, driver: int) -> Processes:
+    """The run's processes among ``driver``'s descendants: tagged, or below a tagged one.
+
+    Cheaper than ``run_processes`` (it reads the environment of the driver's few
+    descendants, not of every process), so the reaper can afford it every second or two.
+    """
+    try:
+        below = {p.pid: p for p in psutil.Process(driver).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return {}
+    tagged = {pid for pid, proc in below.items() if _has_tag(proc, tag)}
+
+    def in_run(proc: psutil.Process) -> bool:
+        pid = proc.pid
+        while pid in below:
+            if pid in tagged:
+                return True
+            try:
+                pid = below[pid].ppid()
+            except psutil.NoSuchProcess:
+                return False
+        return False
+
+    return {pid: proc for pid, proc in below.items() if pid != os.getpid() and in_run(proc)}
 
 
 def _is_alive(proc: psutil.Process) -> bool:
@@ -175,7 +190,7 @@ def _watch(tag: str, driver: int, pipe: int) -> Processes:
             return seen
         # Forget those that ended: the run's trial workers come and go.
         seen = {pid: p for pid, p in seen.items() if _is_alive(p)}
-        seen.update(run_processes(tag, under=driver))
+        seen.update(_run_below(tag, driver))
 
 
 def spawn_reaper(tag: str) -> subprocess.Popen:
