@@ -42,14 +42,15 @@ def _is_loopback(ip: str) -> bool:
 
 
 def test_diverging_and_crashing_trials_do_not_sink_the_search(tmp_path):
-    # AlexNet's last max-pool has nothing to pool at 32 px: a crash of that configuration
-    # only (weights and data problems are refused before Ray starts, or stop the search).
+    # AlexNet's last max-pool has nothing to pool at 32 px, ResNet-18's does: a crash of
+    # those configurations only (weights and data problems are refused before Ray starts,
+    # or stop the search).
     cfg = {**TINY, "name": "faults", "storage": str(tmp_path / "runs"),
-           "train": {k: v for k, v in TINY["train"].items()
-                     if k not in ("weights", "resolution")},
-           "space": {"backbone": "alexnet", "freeze_depth": 1,
-                     "lr": {"type": "choice", "values": [0.01, 1.0e12]},
-                     "resolution": {"type": "choice", "values": [64, 32]}},
+           "train": {**{k: v for k, v in TINY["train"].items() if k != "weights"},
+                     "resolution": 32},
+           "space": {"backbone": {"type": "choice", "values": ["resnet18", "alexnet"]},
+                     "freeze_depth": 1,
+                     "lr": {"type": "choice", "values": [0.01, 1.0e12]}},
            "search": {"algorithm": "grid", "max_concurrent": 2},
            "scheduler": {"type": "none"}, "failure": {"max_failures": 0}}
     config = write_config(tmp_path / "faults.yaml", cfg)
@@ -95,12 +96,12 @@ def test_diverging_and_crashing_trials_do_not_sink_the_search(tmp_path):
     assert all(_is_loopback(ip) for ip in addresses), addresses
 
     trials = pd.read_parquet(directory / "trials.parquet")
-    by = {(r["config.lr"], r["config.resolution"]): r for _, r in trials.iterrows()}
+    by = {(r["config.lr"], r["config.backbone"]): r for _, r in trials.iterrows()}
     assert len(trials) == 4
-    assert by[(0.01, 64)]["status"] == "TERMINATED"
-    assert by[(1.0e12, 64)]["status"] == "DIVERGED"
+    assert by[(0.01, "resnet18")]["status"] == "TERMINATED"
+    assert by[(1.0e12, "resnet18")]["status"] == "DIVERGED"
     for lr in (0.01, 1.0e12):
-        failed = by[(lr, 32)]
+        failed = by[(lr, "alexnet")]
         assert failed["status"] == "ERROR"
         assert "too small" in failed["error"]
     assert "1 diverged" in out and "2 errored" in out
