@@ -103,12 +103,14 @@ class _RayChatter(logging.Filter):
 
 
 # Logger -> message prefixes it logs on every local start. Token authentication is Ray's
-# default for a local cluster and says nothing an ftsearch user can act on; the start line
-# is ftsearch's own business. Any other warning of these loggers still shows.
+# default for a local cluster and says nothing an ftsearch user can act on; the start and
+# end lines are ftsearch's own business. Any other warning of these loggers still shows.
 _CHATTER: dict[str, tuple[str, ...]] = {
     "ray._private.authentication.authentication_token_setup": (
         "Token authentication is enabled", "Generated new authentication token"),
     "ray._private.worker": ("Started a local Ray instance",),
+    # Printed at the end of every fit; the summary names the experiment directory.
+    "ray.tune.tune": ("Wrote the latest version of all result files",),
 }
 
 
