@@ -7,7 +7,6 @@ README's results section lists the same columns. No Ray, no torch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,7 +37,6 @@ __all__ = [
     "Status",
     "best_trial",
     "config_column",
-    "is_missing",
     "objective_column",
     "pareto_mask",
 ]
@@ -144,7 +142,3 @@ def best_trial(trials: pd.DataFrame, *, metric: str = M.TOP1, mode: str = "max"
                             ascending=[mode == "min", False, True], kind="stable")
     return ranked.iloc[0]
 
-
-def is_missing(value: object) -> bool:
-    """None or NaN: a metric that was not measured."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
