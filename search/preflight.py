@@ -204,14 +204,10 @@ def _file_problem(weights: str) -> str | None:
 
 
 def _imagenet_problem(backbone: str, reachable: dict[str, bool]) -> str | None:
-    import torch
-    import torchvision
+    from trainables.models.weights import imagenet_weights_file
 
-    url = torchvision.models.get_model_weights(backbone).DEFAULT.url
-    file_name = os.path.basename(urlparse(url).path)
-    # Where torch.hub.load_state_dict_from_url, as trainables.models.weights calls it, looks.
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    cached = Path(cache, file_name)
+    url, cached = imagenet_weights_file(backbone)
+    file_name, cache = cached.name, str(cached.parent)
     if cached.is_file():
         why = _state_dict_problem(cached)
         if why:
@@ -232,19 +228,18 @@ def _imagenet_problem(backbone: str, reachable: dict[str, bool]) -> str | None:
 def _state_dict_problem(path: Path) -> str | None:
     """Why ``path`` does not hold a state dict (name -> tensor) as a trial reads it, or None.
 
-    Loads as the trial does (``weights_only``, a training checkpoint's ``"model"`` entry),
-    memory-mapped where the file format allows, so even a large file costs no copy.
+    Loads as the trial does (:func:`trainables.models.weights.load_state_dict_file`).
     """
     import torch
+
+    from trainables.models.weights import load_state_dict_file
 
     try:
         if path.stat().st_size == 0:
             return "the file is empty"
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        state = load_state_dict_file(path)
     except Exception as err:  # unreadable, not a torch file, truncated, pickled objects
         return _detail(err)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
     if not isinstance(state, Mapping):
         return f"it holds a {type(state).__name__}"
     if not state:
@@ -254,13 +249,6 @@ def _state_dict_problem(path: Path) -> str | None:
         return (f"{len(not_tensors)} of its {len(state)} entries are not tensors "
                 f"(e.g. {not_tensors[0]!r})")
     return None
-
-
-def _is_zip(path: Path) -> bool:
-    # torch.save's format since torch 1.6 is a zip archive, the only one torch can mmap;
-    # older files (the Lite0 package's among them) load whole.
-    with path.open("rb") as handle:
-        return handle.read(4) == b"PK\x03\x04"
 
 
 def _detail(err: BaseException) -> str:

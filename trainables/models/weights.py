@@ -27,10 +27,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
-from trainables.models import lite
 from trainables.models.registry import (
     PRETRAINED_WEIGHTS,
     WEIGHT_CHOICES,
@@ -42,6 +40,8 @@ from trainables.models.stagednet import StagedNet, last_linear_name
 __all__ = [
     "check_weights",
     "finish_backbone",
+    "imagenet_weights_file",
+    "load_state_dict_file",
     "raw_key_map",
 ]
 
@@ -113,8 +113,44 @@ def _weights_state_dict(name: str, weights: str | os.PathLike[str]) -> Mapping[s
     if weights == "imagenet":
         return _imagenet_state_dict(name)
     if weights == "packaged":
+        from trainables.models import lite  # torchvision: only where Lite0 is built
+
         return torch.load(lite.packaged_lite0_path(), map_location="cpu", weights_only=True)
     return _read_state_dict(weights)
+
+
+def imagenet_weights_file(name: str) -> tuple[str, Path]:
+    """The URL of torchvision's default ImageNet weights of ``name``, and their cache file.
+
+    The file is where ``torch.hub.load_state_dict_from_url`` keeps it (it follows
+    ``$TORCH_HOME``); pre-flight looks there before a trial would download it.
+    """
+    import torchvision  # seconds to import: only where ImageNet weights are asked for
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return url, Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> Any:
+    """What a weights file holds, read as a trial reads it; a checkpoint's ``"model"`` entry.
+
+    ``torch.load`` with ``weights_only=True`` (loading never runs code from the file),
+    memory-mapped where the format allows. The caller checks that the result is a mapping
+    of tensors.
+    """
+    file = Path(path).expanduser()
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=_is_zip(file))
+    # A training checkpoint keeps the model's state dict under "model".
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    return state
+
+
+def _is_zip(path: Path) -> bool:
+    # torch.save's format since torch 1.6 is a zip archive, the only one torch can mmap;
+    # older files (the Lite0 package's among them) load whole.
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
 
 
 @contextlib.contextmanager
@@ -130,10 +166,9 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 
 def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
-    file_name = os.path.basename(urlparse(url).path)
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    cached = os.path.isfile(os.path.join(cache, file_name))
+    url, file = imagenet_weights_file(name)
+    file_name, cache = file.name, str(file.parent)
+    cached = file.is_file()
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             return torch.hub.load_state_dict_from_url(
@@ -168,12 +203,9 @@ def _read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Any]:
             f"file (a state dict saved with torch.save)"
         )
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_state_dict_file(file)
     except Exception as err:  # not a torch file, or pickled objects beyond tensors
         raise ValueError(f"cannot read {file} as a state dict: {err}") from err
-    # A training checkpoint keeps the model's state dict under "model".
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
     if not isinstance(state, Mapping):
         raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
     return state
