@@ -22,7 +22,7 @@ from search.storage import experiment_dir
 from search.yamlfile import YamlFileError, read_yaml
 from trainables.data.spec import parse_spec
 from trainables.models.registry import WEIGHT_CHOICES
-from trainables.params import TRIAL_PARAMS, TrialParams
+from trainables.params import TRIAL_PARAMS, TrialParams, resolve_weights
 
 __all__ = [
     "ALGORITHMS",
@@ -227,6 +227,28 @@ class ExperimentConfig(_Strict):
         if isinstance(entry, Distribution):
             return list(entry.values or [])
         return [entry]
+
+    def weights_choices(self) -> list[tuple[str, str, str]]:
+        """Every (field, backbone, weights) a trial can get, in order, without repeats.
+
+        ``field`` says where the value comes from (``train.weights``, ``space.weights``,
+        ``space.weights.values``; ``.<backbone>`` or ``.default`` for a mapping entry), so
+        the rules and pre-flight name the same place for the same weights.
+        """
+        default = TrialParams.model_fields["weights"].default
+        entry = self.space.get("weights", self.train.get("weights", default))
+        if isinstance(entry, Distribution):
+            entries = [("space.weights.values", value) for value in entry.values or []]
+        else:
+            entries = [("space.weights" if "weights" in self.space else "train.weights", entry)]
+        choices: dict[tuple[str, str, str], None] = {}
+        for where, value in entries:
+            for backbone in self.backbone_choices():
+                field = where
+                if isinstance(value, Mapping):
+                    field += f".{backbone if backbone in value else 'default'}"
+                choices[(field, backbone, resolve_weights(value, backbone))] = None
+        return list(choices)
 
 
 def _loc(loc: Sequence[Any]) -> str:

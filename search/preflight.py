@@ -26,16 +26,15 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from search.config import Distribution, ExperimentConfig
+from search.config import ExperimentConfig
 from search.storage import is_uri, probe_writable
 from trainables.data.spec import TORCHVISION_PREFIX, parse_spec
 from trainables.models.registry import PRETRAINED_WEIGHTS, WEIGHT_CHOICES, available_weights
-from trainables.params import TrialParams, resolve_weights
 
 __all__ = ["preflight_problems"]
 
@@ -127,35 +126,11 @@ def _torchvision_root_problems(cfg: ExperimentConfig) -> list[str]:
 # ---------------------------------------------------------------------------- weights
 
 
-def _weights_entries(cfg: ExperimentConfig) -> Iterator[tuple[str, str | Mapping[str, str]]]:
-    """(field, weights value) for every weights value the space can give a trial."""
-    default = TrialParams.model_fields["weights"].default
-    entry: Any = cfg.space.get("weights", cfg.train.get("weights", default))
-    if isinstance(entry, Distribution):
-        for value in entry.values or []:
-            yield "space.weights.values", value
-    else:
-        yield ("space.weights" if "weights" in cfg.space else "train.weights"), entry
-
-
-def _weights_choices(cfg: ExperimentConfig) -> dict[tuple[str, str, str], None]:
-    """Every (field, backbone, weights) a trial can get, in order, without repeats."""
-    choices: dict[tuple[str, str, str], None] = {}
-    for where, value in _weights_entries(cfg):
-        for backbone in cfg.backbone_choices():
-            chosen = resolve_weights(value, backbone)
-            field = where
-            if isinstance(value, Mapping):
-                field += f".{backbone if backbone in value else 'default'}"
-            choices[(field, backbone, chosen)] = None
-    return choices
-
-
 def _weights_problems(cfg: ExperimentConfig) -> list[str]:
     problems: dict[str, None] = {}  # a path shared by several backbones is named once
     reachable: dict[str, bool] = {}  # one probe per download host
     checked: dict[tuple[str, str], str | None] = {}  # each file is read once
-    for field, backbone, weights in _weights_choices(cfg):
+    for field, backbone, weights in cfg.weights_choices():
         if weights == "none":
             continue
         if weights in PRETRAINED_WEIGHTS and weights not in available_weights(backbone):

@@ -25,7 +25,6 @@ from trainables.params import (
     field_problems,
     is_integer_field,
     is_numeric_field,
-    resolve_weights,
 )
 
 __all__ = ["config_problems"]
@@ -101,20 +100,13 @@ def _freeze_depth_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[
     return problems
 
 
-def _weights_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
-    where = "space.weights" if "weights" in cfg.space else "train.weights"
-    entry = cfg.space.get("weights", cfg.train.get("weights", "none"))
-    options = entry.values or [] if isinstance(entry, Distribution) else [entry]
+def _weights_problems(cfg: ExperimentConfig) -> list[str]:
     problems = set()
-    for weights in options:
-        for backbone in backbones:
-            chosen = resolve_weights(weights, backbone)
-            if chosen in PRETRAINED_WEIGHTS and chosen not in available_weights(backbone):
-                having = [b for b in backbone_names() if chosen in available_weights(b)]
-                key = ("" if not isinstance(weights, dict)
-                       else f".{backbone if backbone in weights else 'default'}")
-                problems.add(f"{where}{key}: {chosen!r} weights do not exist for {backbone!r}; "
-                             f"backbones with {chosen!r} weights: {having}")
+    for field, backbone, chosen in cfg.weights_choices():
+        if chosen in PRETRAINED_WEIGHTS and chosen not in available_weights(backbone):
+            having = [b for b in backbone_names() if chosen in available_weights(b)]
+            problems.add(f"{field}: {chosen!r} weights do not exist for {backbone!r}; "
+                         f"backbones with {chosen!r} weights: {having}")
     return sorted(problems)
 
 
@@ -187,6 +179,6 @@ def config_problems(cfg: ExperimentConfig) -> list[str]:
     if problems:
         return problems  # the cross-field rules below assume each value is sane
     backbones = cfg.backbone_choices()
-    return (_freeze_depth_problems(cfg, backbones) + _weights_problems(cfg, backbones)
+    return (_freeze_depth_problems(cfg, backbones) + _weights_problems(cfg)
             + _efficientnet_problems(cfg, backbones) + _points_problems(cfg)
             + _scheduler_problems(cfg))
