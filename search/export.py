@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from search import contract as C
 from search.analysis import AnalysisError, leaderboard, load_experiment, trial_config
-from trainables.data import IMAGE_EXTENSIONS, load_data, preprocess
+from trainables.data import IMAGE_EXTENSIONS, load_data, parse_spec, preprocess
 from trainables.finetune import build_model, load_checkpoint_state, resolve_trial_config
 from trainables.models import StagedNet, build_backbone
 from trainables.runtime import TrialSetupError
@@ -39,7 +39,6 @@ __all__ = [
 
 FORMAT = "ftsearch-model"
 FORMAT_VERSION = 1
-_DEFAULT_IMAGE_SIZE = 256  # trainables.data's default `image_size`
 
 
 class ModelFileError(ValueError):
@@ -143,7 +142,7 @@ def export_model(directory: str | Path, *, out: str | Path,
         "resolution": cfg.input_resolution(),
         "mean": list(model.mean),
         "std": list(model.std),
-        "image_size": int(cfg.data.get("image_size") or _DEFAULT_IMAGE_SIZE),
+        "image_size": parse_spec(cfg.data).image_size,  # the spec fills in its default
         "trial_config": cfg.model_dump(),
     }
     out = Path(out)
