@@ -50,6 +50,18 @@ def run_ftsearch(*args: str, timeout: float = 600, cwd: Path | None = None
                           capture_output=True, text=True, timeout=timeout)
 
 
+def refused(capsys, config: Path) -> str:
+    """Runs ``ftsearch run config`` in-process; asserts exit 2 and exactly one
+    ``ftsearch: ...`` line on stderr; returns that line without the prefix."""
+    from search.cli import main
+
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ftsearch: "), err
+    return lines[0].removeprefix("ftsearch: ")
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -24,7 +24,7 @@ import search.preflight as preflight
 from search import session
 from search.cli import main
 from search.config import load_config
-from tests.conftest import ROOT, ftsearch_env
+from tests.conftest import ROOT, ftsearch_env, refused
 
 # A subprocess pays the imports (torch for a weights file) but must still answer quickly.
 _SUBPROCESS_LIMIT_S = 5.0
@@ -65,14 +65,6 @@ def _config(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def _refused(capsys, config: Path) -> str:
-    """Runs ``ftsearch run config``; asserts exit 2 and one line; returns that line."""
-    assert main(["run", str(config)]) == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ftsearch: "), err
-    return lines[0].removeprefix("ftsearch: ")
-
 
 def _never(*args):
     raise AssertionError(f"called with {args}")
@@ -100,21 +92,21 @@ def _imagenet_file(backbone: str) -> str:
 
 
 def test_storage_that_cannot_be_created(tmp_path, capsys):
-    line = _refused(capsys, _config(tmp_path, storage="/proc/x"))
+    line = refused(capsys, _config(tmp_path, storage="/proc/x"))
     assert line.startswith("storage: '/proc/x': cannot create files in /proc/x")
     assert not Path("/proc/x").exists()
 
 
 def test_storage_that_is_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
-    line = _refused(capsys, _config(tmp_path, storage=str(tmp_path / "taken")))
+    line = refused(capsys, _config(tmp_path, storage=str(tmp_path / "taken")))
     assert line.startswith("storage: ") and "is a file, not a directory" in line
     assert (tmp_path / "taken").read_text() == "a file"
 
 
 def test_more_cpus_per_trial_than_this_machine_has(tmp_path, capsys):
     cores = os.cpu_count() or 1
-    line = _refused(capsys, _config(tmp_path, **{"resources.cpu": cores + 1}))
+    line = refused(capsys, _config(tmp_path, **{"resources.cpu": cores + 1}))
     assert line.startswith(f"resources.cpu: {cores + 1} CPU per trial") and f"{cores} cores" in line
     assert not (tmp_path / "runs").exists()
 
@@ -127,7 +119,7 @@ def test_imagenet_weights_neither_cached_nor_downloadable(tmp_path, capsys, monk
     probed = []
     monkeypatch.setattr(preflight, "_download_reachable", lambda url: probed.append(url) or False)
     config = _config(tmp_path, **{"train.backbone": "resnet50", "train.weights": "imagenet"})
-    line = _refused(capsys, config)
+    line = refused(capsys, config)
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     file = _imagenet_file("resnet50")
     assert line == (f"train.weights: 'imagenet' weights of resnet50 are not in the torch hub "
@@ -160,7 +152,7 @@ def test_imagenet_weights_from_the_cache_or_the_network(tmp_path, monkeypatch):
 
 def test_corrupt_state_dict_as_train_weights(tmp_path, capsys):
     bad = _corrupt(tmp_path / "bad.pt")
-    line = _refused(capsys, _config(tmp_path, **{"train.weights": str(bad)}))
+    line = refused(capsys, _config(tmp_path, **{"train.weights": str(bad)}))
     assert line.startswith(f"train.weights: cannot read '{bad}' as a state dict (RuntimeError: ")
     assert not (tmp_path / "runs").exists()
 
@@ -168,7 +160,7 @@ def test_corrupt_state_dict_as_train_weights(tmp_path, capsys):
 def test_corrupt_state_dict_among_searched_weights(tmp_path, capsys):
     good, bad = _state_dict(tmp_path / "good.pt"), _corrupt(tmp_path / "bad.pt")
     space = {"type": "choice", "values": ["none", str(good), str(bad)]}
-    line = _refused(capsys, _config(tmp_path, **{"space.weights": space}))
+    line = refused(capsys, _config(tmp_path, **{"space.weights": space}))
     assert line.startswith(f"space.weights.values: cannot read '{bad}' as a state dict")
     assert not (tmp_path / "runs").exists()
 
@@ -176,14 +168,14 @@ def test_corrupt_state_dict_among_searched_weights(tmp_path, capsys):
 def test_a_file_every_backbone_reads_is_named_once(tmp_path, capsys):
     bad = _corrupt(tmp_path / "bad.pt")
     backbones = {"type": "choice", "values": ["resnet18", "alexnet", "efficientnet_lite0"]}
-    line = _refused(capsys, _config(tmp_path, **{"train.weights": str(bad),
+    line = refused(capsys, _config(tmp_path, **{"train.weights": str(bad),
                                                  "space.backbone": backbones}))
     assert line.startswith("train.weights: cannot read")
 
 
 def test_weights_mapping_names_the_backbone_entry(tmp_path, capsys):
     weights = {"resnet18": str(tmp_path / "missing.pt"), "default": "none"}
-    line = _refused(capsys, _config(tmp_path, **{"train.weights": weights}))
+    line = refused(capsys, _config(tmp_path, **{"train.weights": weights}))
     assert line.startswith(f"train.weights.resnet18: '{tmp_path / 'missing.pt'}' is neither "
                            f"one of ['none', 'imagenet', 'packaged'] nor an existing file")
 
@@ -233,14 +225,14 @@ def test_packaged_lite0_weights_pass(tmp_path):
 
 def test_imagefolder_that_does_not_exist(tmp_path, capsys):
     data = {"source": "imagefolder", "path": str(tmp_path / "images")}
-    line = _refused(capsys, _config(tmp_path, data=data))
+    line = refused(capsys, _config(tmp_path, data=data))
     assert line == f"data.path: folder {tmp_path / 'images'} does not exist"
     assert not (tmp_path / "runs").exists()
 
 
 def test_torchvision_dataset_root_that_does_not_exist(tmp_path, capsys):
     data = {"source": "torchvision:CIFAR10", "root": str(tmp_path / "datasets")}
-    line = _refused(capsys, _config(tmp_path, data=data))
+    line = refused(capsys, _config(tmp_path, data=data))
     assert line.startswith(f"data.root: '{tmp_path / 'datasets'}' does not exist")
     assert "data.download: true" in line
 

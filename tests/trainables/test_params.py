@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from search import session
-from search.cli import main
-from tests.conftest import FTSEARCH, ROOT, ftsearch_env
+from tests.conftest import FTSEARCH, ROOT, ftsearch_env, refused
 from trainables.params import TRIAL_PARAMS, TrialParams, field_problems
 
 # A schema error is reported by a fresh `ftsearch run` within this many seconds.
@@ -83,13 +82,6 @@ def _config(tmp_path: Path, name: str = "c", **train: Any) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path
 
-
-def _refusal(capsys, config: Path) -> str:
-    assert main(["run", str(config)]) == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ftsearch: "), err
-    return lines[0].removeprefix("ftsearch: ")
 
 
 # ---------------------------------------------------------------------------- the generator
@@ -157,7 +149,7 @@ def test_a_searched_range_outside_the_field(tmp_path, capsys, key, space, field)
     raw["space"][key] = space
     path = tmp_path / "range.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert _refusal(capsys, path).startswith(f"{field}: ")
+    assert refused(capsys, path).startswith(f"{field}: ")
 
 
 _BOOLEANS = ("amp", "channels_last", "compile", "augment")
@@ -170,7 +162,7 @@ def test_the_boolean_fields_are_the_ones_named_here():
 
 @pytest.mark.parametrize("key", _BOOLEANS)
 def test_a_boolean_given_a_string(tmp_path, capsys, key):
-    line = _refusal(capsys, _config(tmp_path, **{key: "yes"}))
+    line = refused(capsys, _config(tmp_path, **{key: "yes"}))
     assert line.startswith(f"train.{key}: ") and "'yes'" in line
 
 
@@ -189,7 +181,7 @@ _ISSUE = {
 
 @pytest.mark.parametrize(("key", "value"), _ISSUE.items(), ids=list(_ISSUE))
 def test_the_issue_values(tmp_path, capsys, key, value):
-    line = _refusal(capsys, _config(tmp_path, **{key: value}))
+    line = refused(capsys, _config(tmp_path, **{key: value}))
     assert line.startswith(f"train.{key}: ") and f"(got {value!r})" in line
     assert not (tmp_path / "runs").exists()
 
