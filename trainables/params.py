@@ -237,10 +237,12 @@ def _message(err: ValidationError, value: Any) -> str:
     return f"{text} (got {value!r})"
 
 
-def _types(name: str) -> set[str]:
+@cache
+def _types(name: str) -> frozenset[str]:
+    """The JSON types field ``name`` accepts besides null (``integer``, ``number``...)."""
     schema = _adapter(name).json_schema()
     options = schema.get("anyOf", [schema])
-    return {o.get("type", "string" if "enum" in o else "") for o in options} - {"null"}
+    return frozenset({o.get("type", "string" if "enum" in o else "") for o in options} - {"null"})
 
 
 def is_integer_field(name: str) -> bool:
@@ -250,4 +252,5 @@ def is_integer_field(name: str) -> bool:
 
 def is_numeric_field(name: str) -> bool:
     """Whether trial parameter ``name`` takes numbers (so a range distribution can fit it)."""
-    return bool(_types(name)) and _types(name) <= {"integer", "number"}
+    types = _types(name)
+    return bool(types) and types <= {"integer", "number"}
