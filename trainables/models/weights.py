@@ -24,7 +24,6 @@ import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -34,13 +33,13 @@ from trainables.models.registry import (
     WEIGHT_CHOICES,
     backbone_names,
     backbone_spec,
+    imagenet_weights_file,
 )
 from trainables.models.stagednet import StagedNet, last_linear_name
 
 __all__ = [
     "check_weights",
     "finish_backbone",
-    "imagenet_weights_file",
     "load_state_dict_file",
     "raw_key_map",
 ]
@@ -117,18 +116,6 @@ def _weights_state_dict(name: str, weights: str | os.PathLike[str]) -> Mapping[s
 
         return torch.load(lite.packaged_lite0_path(), map_location="cpu", weights_only=True)
     return _read_state_dict(weights)
-
-
-def imagenet_weights_file(name: str) -> tuple[str, Path]:
-    """The URL of torchvision's default ImageNet weights of ``name``, and their cache file.
-
-    The file is where ``torch.hub.load_state_dict_from_url`` keeps it (it follows
-    ``$TORCH_HOME``); pre-flight looks there before a trial would download it.
-    """
-    import torchvision  # seconds to import: only where ImageNet weights are asked for
-
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
-    return url, Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> Any:
