@@ -338,10 +338,13 @@ def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
                      f"{_first_line(setup.iloc[0])}\nfull text: `error` in "
                      f"{directory / C.TRIALS_FILE}")
         return lines, False
+    interrupted = int(counts.get(C.Status.INTERRUPTED, 0))
+    resume = (f"{interrupted} trial(s) interrupted before they ended: continue them with "
+              f"`ftsearch resume {directory}`")
     if best is None:
         lines.append("no trial finished" + (f"; first error:\n  {_first_line(errors.iloc[0])}"
                                             if not errors.empty else ""))
-        return lines, False
+        return lines + ([resume] if interrupted else []), False
     lines.append(f"best trial: {best['trial_id']}  top-1 {best['best_top1']:.2f}%  "
                  f"top-5 {best['best_top5']:.2f}%  epochs {best['epochs']}  "
                  f"{best['gmacs']:.3f} GMACs  {best['params'] / 1e6:.2f}M params")
@@ -356,5 +359,7 @@ def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
             lines.append(f"warm-start baseline {baseline['trial_id']}: top-1 "
                          f"{baseline['best_top1']:.2f}% -> best {best['best_top1']:.2f}% "
                          f"({gain:+.2f} points)")
+    if interrupted:
+        lines.append(resume)
     lines.append(f"experiment directory: {directory}")
-    return lines, True
+    return lines, not interrupted

@@ -22,6 +22,7 @@ from typing import Any
 from ray import tune
 
 from search.contract import STATUSES, Status
+from search.signing import sign_files, tune_state_files
 from search.store import ResultsStore
 from trainables import metrics as M
 
@@ -37,6 +38,28 @@ def _error_text(trial: Any) -> str:
         # The last line of a traceback names the exception: it goes first, then context.
         return "\n".join([lines[-1], *lines[-9:-1]])[-4000:] if lines else text
     return str(getattr(trial, "error_msg", None) or "trial failed (no error file)")
+
+
+def _cut_short(trial: Any) -> bool:
+    """Whether Tune ended ``trial`` without a final result: Ctrl-C, fail-fast, time budget.
+
+    A trial that returned, or that the scheduler stopped, ends on a result marked ``done``;
+    one the search stopped (Tune calls the same on_trial_complete) does not.
+    """
+    return not (trial.last_result or {}).get("done", False)
+
+
+def _staging_dirs(experiment: str) -> list[Path]:
+    """Tune's driver staging directories of ``experiment`` in this Ray session.
+
+    Tune saves its state there first (``StorageContext.experiment_driver_staging_path``:
+    ``<session>/artifacts/<timestamp>/<experiment>/driver_artifacts``); the controller's
+    storage context is not handed to callbacks, and its state may be saved before any trial
+    exists, so the directory is found by its layout.
+    """
+    from ray.train.constants import _get_ray_train_session_dir
+
+    return sorted(Path(_get_ray_train_session_dir()).glob(f"*/{experiment}/driver_artifacts"))
 
 
 class FailFast(tune.Stopper):
@@ -65,8 +88,10 @@ class ParquetCallback(tune.Callback):
 
     def __init__(self, *, directory: str, param_types: Mapping[str, str], max_epochs: int,
                  objectives: Sequence[tuple[str, str]], fail_fast: FailFast | None = None,
-                 min_interval_s: float = 2.0) -> None:
+                 sign_state: bool = False, min_interval_s: float = 2.0) -> None:
         self.fail_fast = fail_fast
+        self.directory = directory
+        self.sign_state = sign_state
         self.store_args = {"directory": directory, "param_types": dict(param_types),
                            "max_epochs": max_epochs, "objectives": list(objectives)}
         self.min_interval_s = min_interval_s
@@ -74,8 +99,18 @@ class ParquetCallback(tune.Callback):
         self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles callbacks with the experiment; the rows live in Parquet.
+        # Tune pickles callbacks with the experiment; the rows live in Parquet. A resumed
+        # driver builds new callbacks anyway (search.tuner.restore_tuner).
         return {**self.__dict__, "_store": None, "_reconciled": False}
+
+    def get_state(self) -> dict | None:
+        # Tune calls this while it saves its experiment state, right after writing the
+        # experiment and search state files into its staging directory and before a
+        # background copy moves them into the experiment directory: sign them now.
+        if self.sign_state:
+            for staging in _staging_dirs(Path(self.directory).name):
+                sign_files(self.directory, tune_state_files(staging))
+        return None  # nothing to save: the rows live in Parquet
 
     @property
     def store(self) -> ResultsStore:
@@ -92,6 +127,8 @@ class ParquetCallback(tune.Callback):
 
     def _write(self, force: bool = False) -> None:
         now = time.monotonic()
+        # Without a journal (remote storage) the files are the only durable copy.
+        force = force or not self.store.durable_on_update
         if force or now - self._last_write >= self.min_interval_s:
             self.store.write()
             self._last_write = now
@@ -143,7 +180,7 @@ class ParquetCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any,
                           **info: Any) -> None:
-        self.store.finish(trial.trial_id)
+        self.store.finish(trial.trial_id, interrupted=_cut_short(trial))
         self._write(force=True)
 
     def _check_setup_failure(self, trial: Any) -> str:
@@ -173,5 +210,7 @@ class ParquetCallback(tune.Callback):
             if trial.status == "ERROR":
                 self.store.finish(trial.trial_id, error=_error_text(trial))
             elif trial.status == "TERMINATED":
-                self.store.finish(trial.trial_id)
+                self.store.finish(trial.trial_id, interrupted=_cut_short(trial))
+        # Ctrl-C or SIGTERM: the rest were cut off mid-run; `ftsearch resume` continues them.
+        self.store.interrupt_unfinished()
         self._write(force=True)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from search import contract as C
+from search.changes import RESUMABLE_FIELDS
 from search.session import job_address
 
 __all__ = ["main"]
@@ -41,7 +42,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from search.runner import resume_search
 
-    return resume_search(args.directory, address=args.address)
+    return resume_search(args.directory, overrides=list(args.set or []), address=args.address,
+                         trust=args.trust)
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -74,12 +76,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from search.analysis import AnalysisError
-    from search.export import export_model
+    from search.export import ModelFileError, export_model
 
     try:
         meta = export_model(args.directory, out=args.out, trial_id=args.trial)
+    except ModelFileError as err:  # --out refused, before the checkpoint is read
+        return _fail(f"--out: {err}")
     except AnalysisError as err:
         return _fail(str(err))
+    except OSError as err:  # the write itself (disk full...): --out is as it was
+        return _fail(f"--out: {args.out}: not written ({err.strerror or err})", C.EXIT_FAILED)
     top1 = "" if meta["top1"] is None else f", top-1 {meta['top1']:.2f}%"
     print(f"exported trial {meta['trial_id']} of {meta['experiment']} (epoch {meta['epoch']}"
           f"{top1}): {meta['backbone']}, {meta['num_classes']} classes, "
@@ -154,6 +160,11 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         return _fail(str(err), err.code)
 
 
+_ADDRESS_HELP = ("join a running Ray cluster: `auto` (the one `ray start` started on this "
+                 "machine) or HOST:PORT. Default: start a new Ray on this machine, bound "
+                 "to 127.0.0.1, whatever other clusters run here")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,14 +175,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config field (repeatable)")
     run.add_argument("--name", help="experiment name (overrides `name`)")
     run.add_argument("--storage", help="results directory or URI (overrides `storage`)")
-    run.add_argument("--address", default=job_address(),
-                     help="join an existing Ray cluster instead of a local one")
+    run.add_argument("--address", default=job_address(), help=_ADDRESS_HELP)
     run.set_defaults(func=_cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted experiment")
     resume.add_argument("directory", help="the experiment directory (<storage>/<name>)")
-    resume.add_argument("--address", default=job_address(),
-                        help="join an existing Ray cluster instead of a local one")
+    resume.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                        help="change a field that a resume may change (repeatable): "
+                             + ", ".join(RESUMABLE_FIELDS))
+    resume.add_argument("--trust", action="store_true",
+                        help="load Tune state files whose signature does not verify (they "
+                             "are unpickled: only for files you know where they came from)")
+    resume.add_argument("--address", default=job_address(), help=_ADDRESS_HELP)
     resume.set_defaults(func=_cmd_resume)
 
     backbones = sub.add_parser("backbones", help="list the backbones")
@@ -190,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a trial's checkpoint as one standalone model file")
     export.add_argument("directory", help="the experiment directory (<storage>/<name>)")
     export.add_argument("--trial", help="trial id (default: the best finished trial)")
-    export.add_argument("--out", default="model.pt", help="model file (default model.pt)")
+    export.add_argument("--out", default="model.pt",
+                        help="model file to write or replace, a regular file (default model.pt)")
     export.set_defaults(func=_cmd_export)
 
     predict = sub.add_parser("predict", help="class probabilities of images, from a model file")

@@ -216,6 +216,11 @@ class ExperimentConfig(_Strict):
         """The space's distributions (fixed values excluded)."""
         return {k: v for k, v in self.space.items() if isinstance(v, Distribution)}
 
+    def presets_trials(self) -> bool:
+        """Whether every trial's parameters are listed when the search starts (a grid, or
+        PBT's initial population) rather than proposed one by one by Optuna."""
+        return self.search.algorithm == "grid" or self.scheduler.type == "pbt"
+
     def fixed(self) -> dict[str, Any]:
         """Parameters common to every trial: train settings, fixed space values, data, seed."""
         fixed = {k: v for k, v in self.space.items() if not isinstance(v, Distribution)}

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_FILE",
+    "CONFIG_HISTORY_FILE",
     "CONFIG_PREFIX",
     "EPOCHS_FILE",
     "EPOCH_COLUMNS",
@@ -26,14 +27,19 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "FINISHED",
+    "JOURNAL_FILE",
+    "LOCK_FILE",
+    "LOCK_OWNER_FILE",
     "OBJECTIVE_COLUMNS",
     "PARETO_COLUMN",
     "READABLE_SCHEMA_VERSIONS",
     "SCHEMA_VERSION",
     "SELECTABLE",
+    "SIGNATURES_FILE",
     "STATUSES",
     "TRIALS_FILE",
     "TRIAL_COLUMNS",
+    "UNFINISHED",
     "Status",
     "best_trial",
     "config_column",
@@ -45,6 +51,15 @@ __all__ = [
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 CONFIG_FILE = "config.yaml"  # the resolved config the search ran with
+# Driver-side bookkeeping, hidden: not results, but what keeps them exactly once and safe.
+JOURNAL_FILE = ".ftsearch-journal.jsonl"  # results not yet in the Parquet files
+LOCK_FILE = ".ftsearch.lock"  # held by the one driver running or resuming the experiment
+LOCK_OWNER_FILE = ".ftsearch.lock.owner"  # who holds it: pid, host, command
+# HMACs of the Tune state files resume loads. Not *.json: on resume Tune copies every
+# *.json and *.pkl of the directory into its staging area and later back, which would put
+# back a stale copy over the signatures written meanwhile.
+SIGNATURES_FILE = ".ftsearch-signatures"
+CONFIG_HISTORY_FILE = "config-changes.jsonl"  # what each resume changed in the config
 
 # Parquet metadata key b"ftsearch.schema_version". Version 2 dropped `flops`, which held
 # multiply-adds (2 x gmacs x 1e9 would have been FLOPs); version-1 files still read.
@@ -60,10 +75,15 @@ class Status:
     STOPPED_EARLY = "STOPPED_EARLY"  # stopped by the scheduler
     ERROR = "ERROR"  # raised; the message is in `error`
     DIVERGED = "DIVERGED"  # loss went NaN/inf; stopped at once
+    # The run ended (Ctrl-C, a killed or failed driver, fail-fast) before the trial did;
+    # `ftsearch resume` continues it unless fail-fast ended the search.
+    INTERRUPTED = "INTERRUPTED"
 
 
 STATUSES = (Status.RUNNING, Status.TERMINATED, Status.STOPPED_EARLY, Status.ERROR,
-            Status.DIVERGED)
+            Status.DIVERGED, Status.INTERRUPTED)
+# Trials that have not ended: a resume continues them (or drops them if Tune never knew them).
+UNFINISHED = (Status.RUNNING, Status.INTERRUPTED)
 # Trials whose top-1 is an outcome of their config (a diverged one says "lr too high").
 FINISHED = (Status.TERMINATED, Status.STOPPED_EARLY, Status.DIVERGED)
 # Trials that can be rerun or exported as "the best": they ended cleanly.

@@ -6,13 +6,18 @@ loading a model file never runs code from it. It holds the weights and
 everything needed to use them: backbone name and constructor arguments, class
 names, input resolution, normalisation, the image size the data was stored
 at, and the trial's config and scores.
+
+The file is written atomically (a temporary file beside it, then a rename): ``--out``
+is either the complete new model or exactly what it was before, never half a file.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from search import contract as C
 from search.analysis import AnalysisError, leaderboard, load_experiment, trial_config
-from trainables.data import IMAGE_EXTENSIONS, load_data, parse_spec, preprocess
+from search.storage import probe_writable
+from trainables.data import IMAGE_EXTENSIONS, load_data, parse_spec, preprocess, to_rgb
 from trainables.finetune import build_model, load_checkpoint_state, resolve_trial_config
 from trainables.models import StagedNet, build_backbone
 from trainables.runtime import TrialSetupError
@@ -30,10 +36,12 @@ from trainables.runtime import TrialSetupError
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "REQUIRED_KEYS",
     "ModelFileError",
     "export_model",
     "image_files",
     "load_model",
+    "model_file_target",
     "predict",
 ]
 
@@ -41,8 +49,119 @@ FORMAT = "ftsearch-model"
 FORMAT_VERSION = 1
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _three_numbers(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value))
+
+
+# What a model file must hold besides `format` and `version`, and what each value must be:
+# export_model writes these keys, load_model refuses a file that lacks one or holds a
+# value predict could not use (it would fail later with a traceback instead).
+_REQUIRED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "backbone": ("a backbone name", lambda v: isinstance(v, str)),
+    "backbone_kwargs": ("a dict", lambda v: isinstance(v, dict)
+                        and all(isinstance(k, str) for k in v)),
+    "num_classes": ("a positive int", _positive_int),
+    "class_names": ("a list of strings", lambda v: isinstance(v, list)
+                    and all(isinstance(n, str) for n in v)),
+    "resolution": ("a positive int", _positive_int),
+    "image_size": ("a positive int", _positive_int),
+    "mean": ("a list of 3 numbers", _three_numbers),
+    "std": ("a list of 3 numbers", _three_numbers),
+    "state_dict": ("a dict of tensors", lambda v: isinstance(v, dict)
+                   and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                           for k, t in v.items())),
+}
+REQUIRED_KEYS = tuple(_REQUIRED)
+
+# Messages are printed as one `ftsearch: ...` line; torch's can run to many lines.
+_MAX_DETAIL = 300
+
+# What `--out` may not be, as a message names it (a regular file or a new name is fine).
+_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
 class ModelFileError(ValueError):
     """A model file or image path that cannot be used; the message names it and why."""
+
+
+def _one_line(text: object) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= _MAX_DETAIL else flat[:_MAX_DETAIL] + " ..."
+
+
+def model_file_target(out: str | os.PathLike[str]) -> Path:
+    """The regular file a model may be written to as ``out``, checked before any work.
+
+    ``out`` is an existing, writable regular file (a link to one is followed, so the
+    link stays) or a new name in a directory that exists or can be made, and is
+    writable. Creates nothing.
+
+    Raises:
+        ModelFileError: ``out`` is empty, a directory, a device, FIFO or socket (or a
+            link to one), under a regular file, read-only or in an unwritable place.
+    """
+    text = os.fspath(out)
+    if not text:
+        raise ModelFileError("empty path; name the model file to write")
+    if text.endswith(os.sep):
+        raise ModelFileError(f"{text}: names a directory; name a file in it")
+    # The rename replaces a link itself, so write where it points; a replaced device
+    # node (as root, /dev/null) would be a disaster, hence the checks on the target.
+    given = Path(text).expanduser()
+    path = Path(os.path.realpath(given))
+    shown = f"{text} (a link to {path})" if given.is_symlink() else text
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None  # a new file; probe_writable names a file on its way
+    except OSError as err:  # a link loop, no permission
+        raise ModelFileError(f"{shown}: {err.strerror or err}") from None
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise ModelFileError(f"{shown}: a directory; name a file in it")
+        if not stat.S_ISREG(mode):
+            kind = next((name for is_kind, name in _SPECIAL_FILES if is_kind(mode)),
+                        "a special file")
+            raise ModelFileError(f"{shown}: {kind}, not a regular file")
+        # The rename would replace a read-only file; overwriting it is not what it is for.
+        if not os.access(path, os.W_OK):
+            raise ModelFileError(f"{shown}: a read-only file")
+    why = probe_writable(path.parent)
+    if why is not None:
+        raise ModelFileError(f"{shown}: {why}")
+    return path
+
+
+def _save_atomically(payload: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file beside it, removed on any error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique, so two exports to one directory never share it; torch creates it, so it gets
+    # the usual permissions (umask), as a plain write would.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(dict(payload), tmp)
+        os.replace(tmp, path)  # atomic: `path` is the old file or the whole new one
+    finally:  # also on KeyboardInterrupt
+        tmp.unlink(missing_ok=True)
+
+
+def _fit_problem(model: StagedNet, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state_dict`` does not load into ``model``, in one line, or None."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [f"{k} {list(state_dict[k].shape)} vs {list(v.shape)}"
+                for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    parts = [f"{len(found)} {what} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+             for what, found in (("missing", missing), ("unexpected", unexpected),
+                                 ("of another shape", reshaped)) if found]
+    return "; ".join(parts) or None
 
 
 def _checkpoint_dir(directory: Path, recorded: Any, trial_id: str) -> Path:
@@ -92,8 +211,13 @@ def export_model(directory: str | Path, *, out: str | Path,
         The file's metadata (everything but the weights).
 
     Raises:
+        ModelFileError: ``out`` cannot be a model file (see :func:`model_file_target`);
+            checked first, before any work.
         AnalysisError: Unreadable results, an unknown trial, a missing checkpoint.
+        OSError: Writing failed (disk full...); ``out`` is as it was and no temporary
+            file remains.
     """
+    target = model_file_target(out)
     exp = load_experiment(directory)
     board = leaderboard([exp])
     if trial_id is None:
@@ -119,11 +243,11 @@ def export_model(directory: str | Path, *, out: str | Path,
                             f"{err}") from None
     num_classes = _head_outputs(state["model"])
     model = build_model(cfg.model_copy(update={"weights": "none"}), num_classes=num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
+    problem = _fit_problem(model, state["model"])
+    if problem is not None:
         raise AnalysisError(f"{ckpt}: checkpoint does not fit trial {row['trial_id']}'s "
-                            f"{cfg.backbone} ({err})") from None
+                            f"{cfg.backbone} ({problem})")
+    model.load_state_dict(state["model"])
     epoch = int(state["epoch"])
     scores = exp.epochs[(exp.epochs["trial_id"] == row["trial_id"])
                         & (exp.epochs["epoch"] == epoch)]
@@ -145,11 +269,7 @@ def export_model(directory: str | Path, *, out: str | Path,
         "image_size": parse_spec(cfg.data).image_size,  # the spec fills in its default
         "trial_config": cfg.model_dump(),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({**meta, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, out)  # a half-written model file is never left behind
+    _save_atomically({**meta, "state_dict": model.state_dict()}, target)
     return meta
 
 
@@ -157,23 +277,44 @@ def load_model(path: str | Path) -> tuple[StagedNet, dict[str, Any]]:
     """Rebuilds the network of a model file, in eval mode; returns it and the metadata.
 
     Raises:
-        ModelFileError: A missing, unreadable or foreign file.
+        ModelFileError: A missing, unreadable, foreign or incomplete file, or weights that
+            do not fit its backbone.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike
-        raise ModelFileError(f"{path}: not a readable model file ({err})") from None
+    except Exception as err:  # pickle, zip and torch errors alike (a truncated file too)
+        raise ModelFileError(f"{path}: not a readable model file ({_one_line(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an ftsearch model file (export one with "
                              f"`ftsearch export`)")
     if payload.get("version") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: model file version {payload.get('version')}, this "
                              f"ftsearch reads version {FORMAT_VERSION}")
-    model = build_backbone(payload["backbone"], num_classes=payload["num_classes"],
-                           weights="none", **payload["backbone_kwargs"])
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise ModelFileError(f"{path}: missing keys {missing}")
+    for key, (what, valid) in _REQUIRED.items():
+        if not valid(payload[key]):
+            value = payload[key]
+            shown = (repr(value) if isinstance(value, str | int | float | None)
+                     else f"a {type(value).__name__}")
+            raise ModelFileError(f"{path}: {key} must be {what}, not {_one_line(shown)}")
+    if len(payload["class_names"]) != payload["num_classes"]:
+        raise ModelFileError(f"{path}: {len(payload['class_names'])} class names for "
+                             f"{payload['num_classes']} classes")
+    name = payload["backbone"]
+    try:
+        model = build_backbone(name, num_classes=payload["num_classes"], weights="none",
+                               **payload["backbone_kwargs"])
+    except (ValueError, TypeError) as err:  # unknown name or arguments
+        raise ModelFileError(f"{path}: cannot build backbone {name!r} "
+                             f"({_one_line(err)})") from None
+    problem = _fit_problem(model, payload["state_dict"])
+    if problem is not None:
+        raise ModelFileError(f"{path}: weights do not fit backbone {name}: {problem}")
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, {k: v for k, v in payload.items() if k != "state_dict"}
@@ -195,7 +336,7 @@ def image_files(path: str | Path) -> list[Path]:
 
 def _read_image(path: Path, image_size: int) -> torch.Tensor:
     with Image.open(path) as image:
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)  # as the trial decoded its images (16-bit scaled, not clipped)
     if max(rgb.size) > image_size:
         # As trainables.data stores larger images: central square at image_size.
         rgb = ImageOps.fit(rgb, (image_size, image_size), method=Image.Resampling.BILINEAR)

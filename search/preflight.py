@@ -87,11 +87,11 @@ def _data_problems(cfg: ExperimentConfig) -> list[str]:
         return []  # digits and fake live in memory; their keys were checked with the config
     try:
         if source == "imagefolder":
-            # check_data_spec would do the same, after importing torchvision and sklearn
-            # (seconds) that folders do not need.
-            from trainables.data.imagefolder import check_folders
+            # check_data_spec would do the same, after importing torch, torchvision and
+            # sklearn (seconds) that listing folders does not need.
+            from trainables.data.listing import list_folders
 
-            check_folders(parse_spec(cfg.data))
+            list_folders(parse_spec(cfg.data))
             return []
         from trainables.data import check_data_spec
 

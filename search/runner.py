@@ -1,19 +1,31 @@
-"""``ftsearch run`` and ``ftsearch resume``: pre-flight, Ray, the tuner, the summary.
+"""``ftsearch run`` and ``ftsearch resume``: checks, the lock, Ray, the tuner, the summary.
 
 The order is the product's promise: every check that needs no cluster runs before Ray
-starts (config, then pre-flight), the experiment directory is created only once they all
-pass, and the summary of the run is the last thing printed.
+starts (config, resume changes, pre-flight, the experiment lock, the signatures of the
+state a resume would unpickle), the experiment directory is created only once they all
+pass, and the summary of the run is the last thing printed. A run that fails or is
+interrupted leaves no trial RUNNING in trials.parquet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from search import contract as C
-from search.config import ConfigError, ExperimentConfig, dump_config, load_config
+from search.changes import config_changes, record_changes, refused_changes, write_config
+from search.config import ConfigError, ExperimentConfig, load_config
+from search.lock import ExperimentLock, LockedError
 from search.preflight import preflight_problems
+from search.signing import (
+    TUNER_STATE_FILE,
+    SignatureError,
+    key_file,
+    tune_state_files,
+    unsigned_files,
+)
 from search.storage import is_uri
 
 __all__ = ["resume_search", "run_search"]
@@ -25,6 +37,42 @@ def _refuse(problems: Sequence[str]) -> int:
     return C.EXIT_BAD_INPUT
 
 
+def _has_results(directory: Path) -> bool:
+    journal = directory / C.JOURNAL_FILE
+    return (directory / C.TRIALS_FILE).exists() or (journal.exists() and
+                                                     journal.stat().st_size > 0)
+
+
+def _started(directory: Path) -> bool:
+    """Whether a search ran here: Tune saved its experiment state, or results exist.
+
+    A driver killed between writing config.yaml and Tune's first save leaves neither:
+    such a directory is started afresh by ``run`` or ``resume``.
+    """
+    saved_state = [p for p in tune_state_files(directory) if p.name != TUNER_STATE_FILE]
+    return bool(saved_state) or _has_results(directory)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with ExperimentLock(directory):
+        yield
+
+
+def _close_out(cfg: ExperimentConfig) -> None:
+    """After a failed or interrupted fit: no trial stays RUNNING in trials.parquet."""
+    from search.tuner import results_store
+
+    try:
+        store = results_store(cfg)
+        if store.interrupt_unfinished():
+            store.write()
+    except OSError as err:  # disk full: the journal keeps what the files lack
+        print(f"ftsearch: could not update the results files ({err.strerror or err}); "
+              f"`ftsearch resume {cfg.directory}` completes them", file=sys.stderr)
+
+
 def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
     from search import session
 
@@ -33,16 +81,15 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
         problem = session.cluster_problems(cfg)
         if problem:
             return _refuse([problem])
-        if not resume and not is_uri(cfg.storage):
-            # Only once every check passed: a refused run leaves nothing behind.
-            Path(cfg.directory).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.directory) / C.CONFIG_FILE).write_text(dump_config(cfg))
         from search.tuner import build_tuner, restore_tuner
 
         tuner = restore_tuner(cfg) if resume else build_tuner(cfg)
         try:
             tuner.fit()
-        except Exception as err:  # the search itself broke, not one trial
+        except BaseException as err:  # the search itself broke (or Ctrl-C), not one trial
+            _close_out(cfg)
+            if not isinstance(err, Exception):
+                raise
             print(f"ftsearch: the search failed: {err}", file=sys.stderr)
             return C.EXIT_FAILED
     finally:
@@ -54,35 +101,117 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
     return C.EXIT_OK if ok else C.EXIT_FAILED
 
 
+def _start_fresh(cfg: ExperimentConfig) -> None:
+    # Nothing ran: Tune files left by a driver killed before its first save hold no trial.
+    for leftover in tune_state_files(cfg.directory):
+        leftover.unlink()
+    write_config(cfg)
+
+
 def run_search(config: str | Path, *, overrides: Sequence[str], address: str | None) -> int:
     """Validates ``config``, checks this machine, then runs the search; returns an exit code."""
     try:
         cfg = load_config(config, overrides)
     except ConfigError as err:
         return _refuse(err.problems)
-    if not is_uri(cfg.storage) and (Path(cfg.directory) / C.CONFIG_FILE).exists():
-        return _refuse([f"experiment directory {cfg.directory} already holds a run; continue "
-                        f"it with `ftsearch resume {cfg.directory}` or pick another --name"])
-    problems = preflight_problems(cfg, local=address is None)
-    if problems:
-        return _refuse(problems)
-    print(f"experiment {cfg.name}: results in {cfg.directory}", flush=True)
-    return _search(cfg, address=address, resume=False)
+    if is_uri(cfg.storage):
+        problems = preflight_problems(cfg, local=address is None)
+        return _refuse(problems) if problems else _announce_and_search(cfg, address, resume=False)
+    directory = Path(cfg.directory)
+    taken = [f"experiment directory {directory} already holds a run; continue it with "
+             f"`ftsearch resume {directory}` or pick another --name"]
+    try:
+        ExperimentLock(directory).check_free()  # a running driver: name it
+        if _started(directory):
+            return _refuse(taken)
+        problems = preflight_problems(cfg, local=address is None)
+        if problems:
+            return _refuse(problems)
+        with _locked(directory):
+            if _started(directory):  # another run got there between the checks
+                return _refuse(taken)
+            _start_fresh(cfg)
+            return _announce_and_search(cfg, address, resume=False)
+    except LockedError as err:
+        return _refuse([str(err)])
 
 
-def resume_search(directory: str | Path, *, address: str | None) -> int:
-    """Continues the experiment in ``directory``; returns an exit code."""
+def _announce_and_search(cfg: ExperimentConfig, address: str | None, *, resume: bool) -> int:
+    if resume:
+        print(f"resuming experiment {cfg.name} in {cfg.directory}", flush=True)
+    else:
+        print(f"experiment {cfg.name}: results in {cfg.directory}", flush=True)
+    return _search(cfg, address=address, resume=resume)
+
+
+def _resume_config(directory: Path, overrides: Sequence[str]
+                   ) -> tuple[ExperimentConfig, dict, list[str]]:
+    """(config to resume with, its changes, problems) for the experiment in ``directory``."""
+    config_file = directory / C.CONFIG_FILE
+    # Paths come from the directory being resumed, never from what it recorded: a copied
+    # experiment resumes into itself.
+    place = [f"storage={directory.parent}", f"name={directory.name}"]
+    saved = load_config(config_file, place)
+    cfg = load_config(config_file, [*place, *overrides])
+    changes = config_changes(saved, cfg)
+    return cfg, changes, refused_changes(changes, preset_points=cfg.presets_trials())
+
+
+def resume_search(directory: str | Path, *, overrides: Sequence[str] = (),
+                  address: str | None, trust: bool = False) -> int:
+    """Continues the experiment in ``directory``; returns an exit code.
+
+    Args:
+        directory: ``<storage>/<name>`` of a local experiment.
+        overrides: ``--set`` changes; only :data:`search.changes.RESUMABLE_FIELDS`.
+        address: A Ray cluster to join, or None for a local Ray.
+        trust: Load Tune state files even when their signatures do not verify.
+    """
     directory = Path(directory).resolve()
     config_file = directory / C.CONFIG_FILE
     if not config_file.is_file():
         return _refuse([f"{directory} is not an ftsearch experiment directory (no "
                         f"{C.CONFIG_FILE})"])
     try:
-        cfg = load_config(config_file, [f"storage={directory.parent}", f"name={directory.name}"])
+        cfg, changes, refused = _resume_config(directory, overrides)
     except ConfigError as err:
+        if not _started(directory):
+            return _refuse([f"{config_file}: {err.problems[0]}; no trial ever ran in "
+                            f"{directory}: delete it and start again with `ftsearch run`"])
         return _refuse([f"{config_file}: {p}" for p in err.problems])
+    if refused:
+        return _refuse(refused)
     problems = preflight_problems(cfg, local=address is None)
     if problems:
         return _refuse(problems)
-    print(f"resuming experiment {cfg.name} in {directory}", flush=True)
-    return _search(cfg, address=address, resume=True)
+    try:
+        with _locked(directory):
+            if not _started(directory):
+                print(f"experiment {cfg.name} never started (its driver stopped before Tune "
+                      f"saved any state): starting it now", flush=True)
+                _start_fresh(cfg)
+                return _announce_and_search(cfg, address, resume=False)
+            problem = None if trust else _signature_problem(directory)
+            if problem:
+                return _refuse([problem])
+            if changes:
+                record_changes(cfg, changes)
+                print("resume changes " + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new)
+                                                    in changes.items()), flush=True)
+            return _announce_and_search(cfg, address, resume=True)
+    except LockedError as err:
+        return _refuse([str(err)])
+
+
+def _signature_problem(directory: Path) -> str | None:
+    try:
+        unsigned = unsigned_files(directory)
+    except SignatureError as err:
+        return str(err)
+    if not unsigned:
+        return None
+    return (f"{directory / unsigned[0]}: not signed by this user's ftsearch key "
+            f"({key_file()}){f' (and {len(unsigned) - 1} more)' if len(unsigned) > 1 else ''}"
+            f"; Tune would unpickle it, which runs any code it holds. It was changed, or "
+            f"written by another user or machine: resume with --trust only if you know "
+            f"where it came from")

@@ -109,8 +109,16 @@ _CHATTER: dict[str, tuple[str, ...]] = {
     "ray._private.authentication.authentication_token_setup": (
         "Token authentication is enabled", "Generated new authentication token"),
     "ray._private.worker": ("Started a local Ray instance",),
-    # Printed at the end of every fit; the summary names the experiment directory.
-    "ray.tune.tune": ("Wrote the latest version of all result files",),
+    # Printed at the end of every fit; the summary names the experiment directory and
+    # counts the errored trials.
+    "ray.tune.tune": ("Wrote the latest version of all result files",
+                      "Trials did not complete",
+                      # Names Tuner.restore; the summary names `ftsearch resume` instead.
+                      "Experiment has been interrupted, but the most recent state was saved"),
+    # On every resume: ftsearch says it resumes; trials killed before their first result
+    # have no metrics yet, which the resumed search does not need.
+    "ray.tune.execution.tune_controller": ("Restoring the run from the latest experiment",),
+    "ray.tune.analysis.experiment_analysis": ("Failed to fetch metrics for",),
 }
 
 

@@ -13,6 +13,7 @@ This module never imports Ray: analysis reads the same files without it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import uuid
@@ -27,16 +28,19 @@ import pyarrow.parquet as pq
 from search.contract import (
     EPOCH_COLUMNS,
     EPOCHS_FILE,
+    JOURNAL_FILE,
     PARETO_COLUMN,
     SCHEMA_VERSION,
     SELECTABLE,
     TRIAL_COLUMNS,
     TRIALS_FILE,
+    UNFINISHED,
     Status,
     config_column,
     objective_column,
     pareto_mask,
 )
+from search.journal import Journal
 from trainables import metrics as M
 
 __all__ = ["ResultsStore", "epochs_schema", "trials_schema"]
@@ -92,6 +96,11 @@ def _cast(value: Any, arrow_type: str) -> Any:
 class ResultsStore:
     """The rows of both Parquet files for one experiment, and their atomic writer.
 
+    Every update is first appended to the experiment's journal (local storage), so a result
+    is on disk before the callback returns even though the Parquet files are rewritten only
+    every few seconds; opening a store replays the journal over the files. Only the driver
+    that holds the experiment's lock opens one.
+
     Args:
         directory: ``<storage>/<experiment>``: a local path or a pyarrow URI.
         param_types: Searched parameter -> arrow type name, see
@@ -114,9 +123,19 @@ class ResultsStore:
         self.max_epochs = max_epochs
         self.objectives = list(objectives)
         self._fs, self._root = _filesystem(directory)
+        local = isinstance(self._fs, pafs.LocalFileSystem)
+        # Remote storage cannot be appended to: there every update rewrites the files.
+        self.journal = Journal(Path(self._root, JOURNAL_FILE)) if local else None
         self.trials: dict[str, dict[str, Any]] = {}
         self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        if local:
+            _remove_orphaned_temp_files(Path(self._root))
         self._load()
+
+    @property
+    def durable_on_update(self) -> bool:
+        """Whether every update is on disk at once (local) or only after :meth:`write`."""
+        return self.journal is not None
 
     # --- reading back what an earlier (interrupted) run wrote
     def _read(self, name: str) -> list[dict[str, Any]]:
@@ -134,40 +153,71 @@ class ResultsStore:
             meta["config"] = {k.removeprefix("config."): v for k, v in row.items()
                               if k.startswith("config.")}
             self.trials[row["trial_id"]] = meta
+        for event in self.journal.events() if self.journal else ():
+            self._apply(event)
 
-    # --- updates
+    # --- updates: each one an event, journaled, then applied
+    def _update(self, event: dict[str, Any]) -> None:
+        if self.journal is not None:
+            self.journal.append(event)
+        self._apply(event)
+
+    def _apply(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            trial = self._trial(event["trial_id"])
+            trial["config"], trial["status"] = event["config"], Status.RUNNING
+        elif kind == "result":
+            self._apply_result(event)
+        elif kind == "checkpoint":
+            self._apply_checkpoint(event["trial_id"], event["path"], event.get("top1"))
+        elif kind == "finish":
+            self._apply_finish(event["trial_id"], event.get("error"),
+                               bool(event.get("interrupted")))
+        elif kind == "forget":
+            lost = set(event["trial_ids"])
+            self.trials = {t: row for t, row in self.trials.items() if t not in lost}
+            self.epochs = {k: v for k, v in self.epochs.items() if k[0] not in lost}
+
     def _trial(self, trial_id: str) -> dict[str, Any]:
         return self.trials.setdefault(trial_id, {"status": Status.RUNNING, "config": {}})
 
+    def _config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: _cast(config.get(k), t) for k, t in self.param_types.items()}
+
     def start(self, trial_id: str, config: Mapping[str, Any]) -> None:
         """Records a trial as soon as it starts, so one that fails at once still has its row."""
-        trial = self._trial(trial_id)
-        trial["config"] = {k: config.get(k) for k in self.param_types}
-        trial["status"] = Status.RUNNING
+        self._update({"event": "start", "trial_id": trial_id, "config": self._config(config)})
 
     def forget_unfinished_except(self, known: set[str]) -> list[str]:
-        """Drops RUNNING trials missing from ``known``; returns their ids.
+        """Drops unfinished (RUNNING, INTERRUPTED) trials missing from ``known``; returns them.
 
         A driver killed between a trial's start and Tune's next experiment
         snapshot leaves a row for a trial that the resumed search never heard of
         (it samples a replacement instead), so that row must go.
         """
         lost = [t for t, row in self.trials.items()
-                if row["status"] == Status.RUNNING and t not in known]
-        for trial_id in lost:
-            del self.trials[trial_id]
-        self.epochs = {k: v for k, v in self.epochs.items() if k[0] not in lost}
+                if row["status"] in UNFINISHED and t not in known]
+        if lost:
+            self._update({"event": "forget", "trial_ids": lost})
         return lost
 
     def record_result(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any],
                       *, node: str | None = None) -> None:
         """Records one epoch report of a running trial."""
+        kept = {k: result.get(k) for k in (*_EPOCH_FLOATS, M.EPOCH, M.RESUMED_FROM, M.PARAMS,
+                                           M.GMACS, M.DIVERGED)}
+        self._update({"event": "result", "trial_id": trial_id, "config": self._config(config),
+                      "result": kept, "node": node})
+
+    def _apply_result(self, event: Mapping[str, Any]) -> None:
+        trial_id, result = event["trial_id"], event["result"]
         trial = self._trial(trial_id)
-        trial["config"] = {k: config.get(k) for k in self.param_types}
+        trial["config"] = event["config"]
         trial["status"] = Status.RUNNING
         trial["params"] = result.get(M.PARAMS, trial.get("params"))
         trial["gmacs"] = result.get(M.GMACS, trial.get("gmacs"))
-        trial["node"] = node or trial.get("node")
+        trial["node"] = event.get("node") or trial.get("node")
         trial["diverged"] = bool(result.get(M.DIVERGED, False))
         epoch = int(result[M.EPOCH])
         row = {"trial_id": trial_id, M.EPOCH: epoch}
@@ -177,28 +227,49 @@ class ResultsStore:
 
     def record_checkpoint(self, trial_id: str, path: str, *, top1: float | None) -> None:
         """Keeps the path of the trial's best-scoring checkpoint."""
+        self._update({"event": "checkpoint", "trial_id": trial_id, "path": path, "top1": top1})
+
+    def _apply_checkpoint(self, trial_id: str, path: str, top1: float | None) -> None:
         trial = self._trial(trial_id)
         best = trial.get("checkpoint_top1")
         if trial.get("checkpoint") is None or best is None or (top1 is not None and top1 >= best):
             trial["checkpoint"], trial["checkpoint_top1"] = path, top1
 
-    def finish(self, trial_id: str, *, error: str | None = None) -> str:
-        """Marks a trial ended; returns ERROR, DIVERGED, STOPPED_EARLY or TERMINATED."""
+    def finish(self, trial_id: str, *, error: str | None = None,
+               interrupted: bool = False) -> str:
+        """Marks a trial ended; returns its status.
+
+        Args:
+            trial_id: The trial.
+            error: Why it failed: the status is ERROR.
+            interrupted: The search, not the trial, ended it (fail-fast, Ctrl-C): the status
+                is INTERRUPTED, unless it had already run every epoch.
+        """
+        self._update({"event": "finish", "trial_id": trial_id, "error": error,
+                      "interrupted": interrupted})
+        return self.trials[trial_id]["status"]
+
+    def interrupt_unfinished(self) -> list[str]:
+        """Marks every RUNNING trial INTERRUPTED (the run is ending without them); returns them."""
+        running = [t for t, row in self.trials.items() if row["status"] == Status.RUNNING]
+        for trial_id in running:
+            self.finish(trial_id, interrupted=True)
+        return running
+
+    def _apply_finish(self, trial_id: str, error: str | None, interrupted: bool) -> None:
         trial = self._trial(trial_id)
         runs = [e for (t, e) in self.epochs if t == trial_id]
+        ran_all = (max(runs) if runs else 0) >= self.max_epochs
         if error is not None:
             status = Status.ERROR
-            trial["error"] = error
         elif trial.get("diverged"):
             status = Status.DIVERGED
-        elif (max(runs) if runs else 0) < self.max_epochs:
-            status = Status.STOPPED_EARLY
-        else:
+        elif ran_all:
             status = Status.TERMINATED
+        else:
+            status = Status.INTERRUPTED if interrupted else Status.STOPPED_EARLY
         trial["status"] = status
-        if status != Status.ERROR:
-            trial["error"] = None
-        return status
+        trial["error"] = error if status == Status.ERROR else None
 
     # --- derived tables
     def _trial_rows(self) -> list[dict[str, Any]]:
@@ -250,13 +321,36 @@ class ResultsStore:
         return trials, epochs
 
     def write(self) -> None:
-        """Rewrites both files atomically: a temp file in the same directory, then a rename."""
+        """Rewrites both files atomically (a temp file in the same directory, then a rename),
+        then empties the journal they now include."""
         trials, epochs = self.tables()
         for name, table in ((EPOCHS_FILE, epochs), (TRIALS_FILE, trials)):
             final = f"{self._root}/{name}"
-            tmp = f"{self._root}/.{name}.{uuid.uuid4().hex}.tmp"
-            pq.write_table(table, tmp, filesystem=self._fs)
-            if isinstance(self._fs, pafs.LocalFileSystem):
-                os.replace(tmp, final)  # atomic on POSIX
-            else:
-                self._fs.move(tmp, final)
+            tmp = f"{self._root}/{_temp_name(name, uuid.uuid4().hex)}"
+            try:
+                pq.write_table(table, tmp, filesystem=self._fs)
+                if isinstance(self._fs, pafs.LocalFileSystem):
+                    os.replace(tmp, final)  # atomic on POSIX
+                else:
+                    self._fs.move(tmp, final)
+            except BaseException:
+                # Disk full, Ctrl-C: the old file stays whole and no temp file is left.
+                with contextlib.suppress(OSError):
+                    self._fs.delete_file(tmp)
+                raise
+        if self.journal is not None:
+            self.journal.clear()
+
+
+def _temp_name(name: str, token: str = "*") -> str:
+    """A temp file's name for ``name``; with the default token, the glob of all of them."""
+    return f".{name}.{token}.tmp"
+
+
+def _remove_orphaned_temp_files(root: Path) -> None:
+    # A driver killed mid-write leaves its temp file; only the lock holder opens a store,
+    # so no other writer's temp file can be among them.
+    for name in (EPOCHS_FILE, TRIALS_FILE):
+        for orphan in root.glob(_temp_name(name)):
+            with contextlib.suppress(OSError):
+                orphan.unlink()

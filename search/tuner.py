@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.callback import FailFast, ParquetCallback
 from search.config import ExperimentConfig
+from search.signing import SEARCH_GENERATOR_STATE, TUNER_STATE_FILE, sign_files
 from search.space import (
     column_types,
     grid_points,
@@ -31,6 +32,7 @@ from search.space import (
     sample_configs,
 )
 from search.storage import is_uri, storage_root
+from search.store import ResultsStore
 from trainables import metrics as M
 from trainables.finetune import tune_trainable
 
@@ -41,6 +43,7 @@ __all__ = [
     "build_tuner",
     "preset_points",
     "restore_tuner",
+    "results_store",
 ]
 
 # Parameters PBT may mutate: they change the optimiser, not the model's shape,
@@ -97,11 +100,11 @@ def preset_points(cfg: ExperimentConfig) -> list[dict[str, Any]] | None:
     A grid is a finite list of points; PBT refuses a search algorithm, so its
     initial population is sampled up front from the same space.
     """
+    if not cfg.presets_trials():
+        return None
     if cfg.search.algorithm == "grid":
         return grid_points(cfg)
-    if cfg.scheduler.type == "pbt":
-        return sample_configs(cfg, cfg.search.num_samples)
-    return None
+    return sample_configs(cfg, cfg.search.num_samples)
 
 
 def _cache_dir(cfg: ExperimentConfig) -> str:
@@ -153,14 +156,20 @@ def build_searcher(cfg: ExperimentConfig, points: list[dict[str, Any]] | None = 
         sampler=make_sampler(cfg))
 
 
+def results_store(cfg: ExperimentConfig) -> ResultsStore:
+    """The results of ``cfg``'s experiment, as its callback writes them."""
+    return ResultsStore(cfg.directory, **_store_args(cfg))
+
+
+def _store_args(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"param_types": column_types(cfg), "max_epochs": cfg.scheduler.max_t or cfg.epochs,
+            "objectives": [(o.metric, o.mode) for o in cfg.search.objectives]}
+
+
 def _callbacks(cfg: ExperimentConfig, fail_fast: FailFast) -> list[Any]:
-    return [ParquetCallback(
-        directory=cfg.directory,
-        param_types=column_types(cfg),
-        max_epochs=cfg.scheduler.max_t or cfg.epochs,
-        objectives=[(o.metric, o.mode) for o in cfg.search.objectives],
-        fail_fast=fail_fast,
-    )]
+    # Remote storage is never resumed by ftsearch (resume takes a local directory).
+    return [ParquetCallback(directory=cfg.directory, fail_fast=fail_fast,
+                            sign_state=not is_uri(cfg.storage), **_store_args(cfg))]
 
 
 def _trainable(cfg: ExperimentConfig) -> Any:
@@ -193,12 +202,62 @@ def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
         stop=fail_fast,
         verbose=0,
     )
-    return tune.Tuner(_trainable(cfg), param_space=_param_space(cfg, points),
-                      tune_config=tune_config, run_config=run_config)
+    # Tune writes tuner.pkl here: signed at once, as resume will unpickle it.
+    tuner = tune.Tuner(_trainable(cfg), param_space=_param_space(cfg, points),
+                       tune_config=tune_config, run_config=run_config)
+    if not is_uri(cfg.storage):
+        sign_files(cfg.directory, [Path(cfg.directory, TUNER_STATE_FILE)])
+    return tuner
 
 
 def restore_tuner(cfg: ExperimentConfig) -> tune.Tuner:
-    """Resumes the experiment of ``cfg``: unfinished and errored trials continue."""
-    return tune.Tuner.restore(cfg.directory, trainable=_trainable(cfg),
-                              resume_unfinished=True, resume_errored=True,
-                              param_space=_param_space(cfg, preset_points(cfg)))
+    """Resumes the experiment of ``cfg``: unfinished and errored trials continue.
+
+    The callbacks and stopper are built anew for ``cfg.directory``, never taken from the
+    pickled tuner: a copied experiment directory resumes into itself, not the original.
+    Its Tune state files must have been verified (:mod:`search.signing`) before this.
+    """
+    _update_search_state(cfg)
+    tuner = tune.Tuner.restore(cfg.directory, trainable=_trainable(cfg),
+                               resume_unfinished=True, resume_errored=True,
+                               param_space=_param_space(cfg, preset_points(cfg)))
+    # Tuner has no public setter for a restored config; TunerInternal holds the objects
+    # fit() uses. What a resume may change (search.changes.RESUMABLE_FIELDS) is set here.
+    internal = tuner._local_tuner
+    run_config = internal.get_run_config()
+    fail_fast = FailFast()
+    run_config.callbacks = _callbacks(cfg, fail_fast)
+    run_config.stop = fail_fast
+    run_config.failure_config = tune.FailureConfig(max_failures=cfg.failure.max_failures)
+    internal._tune_config.time_budget_s = cfg.search.time_budget_s
+    if not cfg.presets_trials():
+        internal._tune_config.num_samples = cfg.search.num_samples
+        internal._tune_config.max_concurrent_trials = cfg.search.max_concurrent
+    return tuner
+
+
+def _update_search_state(cfg: ExperimentConfig) -> None:
+    """Writes ``num_samples`` and ``max_concurrent`` into the saved search state.
+
+    On restore Tune takes both from the saved state of its search generator and concurrency
+    limiter, not from the TuneConfig, so a resume that raises them edits that state (a file
+    whose signature was just verified) and signs the new version.
+    """
+    if is_uri(cfg.storage) or cfg.presets_trials():
+        return
+    saved = sorted(Path(cfg.directory).glob(SEARCH_GENERATOR_STATE))
+    if not saved:
+        return
+    import ray.cloudpickle as cloudpickle
+
+    newest = saved[-1]  # the one Tune loads
+    state = cloudpickle.loads(newest.read_bytes())
+    state["total_samples"] = cfg.search.num_samples
+    state["finished"] = state.get("counter", 0) >= cfg.search.num_samples
+    limiter = state.get("name:ConcurrencyLimiter")
+    if isinstance(limiter, dict) and cfg.search.max_concurrent:
+        limiter["max_concurrent"] = cfg.search.max_concurrent
+    tmp = newest.with_name(f".{newest.name}.tmp")
+    tmp.write_bytes(cloudpickle.dumps(state))
+    tmp.replace(newest)
+    sign_files(cfg.directory, [newest])

@@ -8,6 +8,7 @@ import pytest
 from search.contract import (
     EPOCH_COLUMNS,
     EPOCHS_FILE,
+    JOURNAL_FILE,
     SCHEMA_VERSION,
     TRIAL_COLUMNS,
     TRIALS_FILE,
@@ -116,3 +117,79 @@ def test_write_leaves_no_temp_files(tmp_path, name):
     store.write()
     store.write()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([TRIALS_FILE, EPOCHS_FILE])
+
+
+def test_results_not_yet_written_survive_a_new_store(tmp_path):
+    # A driver killed between two writes: the journal still holds what the files lack.
+    store = _store(tmp_path)
+    store.record_result("a", CONFIG, _result(1, 40.0))
+    store.write()
+    store.record_result("a", CONFIG, _result(2, 50.0))
+    store.record_checkpoint("a", "/ckpt/2", top1=50.0)
+    store.finish("b", error="boom")
+    reopened = _store(tmp_path)
+    assert sorted(reopened.epochs) == [("a", 1), ("a", 2)]
+    assert reopened.trials["a"]["checkpoint"] == "/ckpt/2"
+    assert reopened.trials["b"]["status"] == "ERROR"
+    reopened.write()
+    assert not (tmp_path / JOURNAL_FILE).exists()
+    assert len(pd.read_parquet(tmp_path / EPOCHS_FILE)) == 2
+
+
+def test_orphaned_temp_files_are_removed_on_open(tmp_path):
+    (tmp_path / f".{EPOCHS_FILE}.0123abcd.tmp").write_bytes(b"half a file")
+    (tmp_path / f".{TRIALS_FILE}.0123abcd.tmp").write_bytes(b"half a file")
+    (tmp_path / "unrelated.tmp").write_bytes(b"keep")
+    _store(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated.tmp"]
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    store.record_result("a", CONFIG, _result(1, 40.0))
+    store.write()
+    before = (tmp_path / EPOCHS_FILE).read_bytes()
+    store.record_result("a", CONFIG, _result(2, 50.0))
+
+    def disk_full(table, where, **kwargs):
+        with open(where, "wb") as handle:
+            handle.write(b"PAR1 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    with pytest.raises(OSError):
+        store.write()
+    assert (tmp_path / EPOCHS_FILE).read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert sorted(_store(tmp_path).epochs) == [("a", 1), ("a", 2)]  # from the journal
+
+
+def test_interrupted_trials_and_trials_that_ran_every_epoch(tmp_path):
+    store = _store(tmp_path)
+    for epoch in (1, 2, 3):
+        store.record_result("done", CONFIG, _result(epoch, 50.0))
+    store.record_result("cut", CONFIG, _result(1, 50.0))
+    store.record_result("asha", CONFIG, _result(1, 50.0))
+    store.start("waiting", CONFIG)
+    assert store.finish("done", interrupted=True) == "TERMINATED"
+    assert store.finish("asha") == "STOPPED_EARLY"
+    assert sorted(store.interrupt_unfinished()) == ["cut", "waiting"]
+    statuses = pd.read_parquet(_written(store)).set_index("trial_id").status.to_dict()
+    assert statuses == {"done": "TERMINATED", "cut": "INTERRUPTED", "asha": "STOPPED_EARLY",
+                        "waiting": "INTERRUPTED"}
+
+
+def test_resume_forgets_unfinished_trials_tune_never_knew(tmp_path):
+    store = _store(tmp_path)
+    store.start("known", CONFIG)
+    store.start("lost", CONFIG)
+    store.record_result("lost", CONFIG, _result(1, 10.0))
+    store.interrupt_unfinished()
+    assert store.forget_unfinished_except({"known"}) == ["lost"]
+    assert set(_store(tmp_path).trials) == {"known"}
+
+
+def _written(store: ResultsStore):
+    store.write()
+    return f"{store.directory}/{TRIALS_FILE}"

@@ -44,7 +44,7 @@ from trainables._lazy import lazy_exports
 from trainables.data.spec import DATA_SOURCES, TORCHVISION_PREFIX, DataSpec, check_seed, parse_spec
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "IMAGE_EXTENSIONS": "imagefolder",
+    "IMAGE_EXTENSIONS": "listing",
     "DataSplits": "splits",
     "ImageSet": "imagesets",
     "InMemoryImageSet": "imagesets",
@@ -52,6 +52,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "check_data_spec": "splits",
     "load_data": "splits",
     "preprocess": "transforms",
+    "to_rgb": "transforms",
 })
 
 __all__ = [
@@ -68,4 +69,5 @@ __all__ = [
     "load_data",
     "parse_spec",
     "preprocess",
+    "to_rgb",
 ]

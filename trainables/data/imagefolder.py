@@ -1,10 +1,12 @@
 """The ``imagefolder`` source: one subfolder of image files per class.
 
-Folders are scanned in sorted order (class index = position of the subfolder name), every
-file's header is read first (cheap) to drop non-images and to choose the stored size, and
-then the set is either decoded once in threads into one tensor, or, when that would exceed
-``data.max_memory_mb``, handed to DataLoader workers that decode per batch. Unreadable files
-are skipped with one warning (``data.on_bad_file: warn``) or stop the load (``error``).
+Folders are listed by :mod:`~trainables.data.listing` (sorted classes, each real file once
+however symlinks reach it), every file's header is read first (cheap) to drop non-images and
+to choose the stored size, and then the set is either decoded once in threads into one
+tensor, or, when that would exceed ``data.max_memory_mb``, handed to DataLoader workers that
+decode per batch. Both decode with :func:`_decode_file`, so 16-bit images are scaled to 8 bits
+the same way (:func:`~trainables.data.transforms.to_rgb`). Unreadable files are skipped with
+one warning (``data.on_bad_file: warn``) or stop the load (``error``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from trainables.data.imagesets import Pool, StreamPool, TensorPool
+from trainables.data.listing import IMAGE_EXTENSIONS, FolderListing, list_folders
 from trainables.data.spec import DataSpec
-from trainables.data.transforms import chw_tensor, fit_array
+from trainables.data.transforms import chw_tensor, fit_array, to_rgb
 
+# IMAGE_EXTENSIONS lives in listing; re-exported: trainables.data's lazy map names this module.
 __all__ = ["IMAGE_EXTENSIONS", "check_folders", "load_imagefolder"]
-
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 # The logger of trainables.data, where this code lived: logging set-ups filtering on it still work.
 _LOG = logging.getLogger("trainables.data")
@@ -44,7 +46,7 @@ def check_folders(opts: DataSpec) -> None:
     Raises:
         ValueError: Naming the folder field and what is wrong with it.
     """
-    _scan_parts(opts)
+    list_folders(opts)
 
 
 def load_imagefolder(opts: DataSpec) -> tuple[list[Pool], list[str]]:
@@ -53,7 +55,7 @@ def load_imagefolder(opts: DataSpec) -> tuple[list[Pool], list[str]]:
     Returns:
         One pool per folder (train, then val when ``data.val_path`` is set) and the class names.
     """
-    listing = _list_folders(opts)
+    listing = list_folders(opts)
     bad: list[tuple[Path, str]] = []
     # Headers first (cheap): drops non-images and tells the stored size without decoding.
     sizes = _thread_map(lambda i: _read_size(listing.files[i]), len(listing.files))
@@ -75,115 +77,11 @@ def load_imagefolder(opts: DataSpec) -> tuple[list[Pool], list[str]]:
     return pools, listing.names
 
 
-# --------------------------------------------------------------------------- listing
-
-
-@dataclass
-class _FolderListing:
-    """Image files of one or two folders (train, then val), with labels and part of each."""
-
-    names: list[str]
-    parts: list[tuple[str, Path]]  # (config field, folder)
-    files: list[Path]
-    labels: np.ndarray
-    part_of: np.ndarray
-
-    def chosen(self, keep: np.ndarray, part: int) -> np.ndarray:
-        """Indices of the kept files of one part, in file order."""
-        return np.flatnonzero(keep & (self.part_of == part))
-
-
-def _scan_parts(
-    opts: DataSpec,
-) -> tuple[list[str], list[tuple[str, Path]], list[list[list[Path]]]]:
-    """Class names, ``(field, folder)`` of each part, and each part's files per class."""
-    names, per_class = _scan_folder(opts.path, field="data.path")
-    parts = [("data.path", opts.path)]
-    per_part = [per_class]
-    if opts.val_path is not None:
-        val_names, val_per_class = _scan_folder(opts.val_path, field="data.val_path")
-        _check_same_classes(names, val_names)
-        parts.append(("data.val_path", opts.val_path))
-        per_part.append(val_per_class)
-    return names, parts, per_part
-
-
-def _list_folders(opts: DataSpec) -> _FolderListing:
-    names, parts, per_part = _scan_parts(opts)
-    files: list[Path] = []
-    labels: list[int] = []
-    part_of: list[int] = []
-    for part, class_files in enumerate(per_part):
-        for label, found in enumerate(class_files):
-            files += found
-            labels += [label] * len(found)
-            part_of += [part] * len(found)
-    return _FolderListing(
-        names=names,
-        parts=parts,
-        files=files,
-        labels=np.asarray(labels, dtype=np.int64),
-        part_of=np.asarray(part_of, dtype=np.int64),
-    )
-
-
-def _scan_folder(root: Path, *, field: str) -> tuple[list[str], list[list[Path]]]:
-    if not root.exists():
-        raise ValueError(f"{field}: folder {root} does not exist")
-    if not root.is_dir():
-        raise ValueError(f"{field}: {root} is not a folder")
-    names = sorted(
-        entry.name for entry in os.scandir(root) if entry.is_dir() and entry.name[0] != "."
-    )
-    if not names:
-        raise ValueError(
-            f"{field}: {root} has no class subfolders; expected one subfolder of images per class"
-        )
-    if len(names) < 2:
-        raise ValueError(
-            f"{field}: {root} has one class subfolder ({names[0]!r}); classification needs "
-            "at least 2 classes, one subfolder each"
-        )
-    per_class = []
-    for name in names:
-        found = _image_files(root / name)
-        if not found:
-            raise ValueError(
-                f"{field}: class folder {root / name} has no image files "
-                f"({', '.join(IMAGE_EXTENSIONS)})"
-            )
-        per_class.append(found)
-    return names, per_class
-
-
-def _image_files(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        # Sorted in place so os.walk descends in a stable order: same files, same labels, always.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            Path(dirpath, f)
-            for f in sorted(filenames)
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    return found
-
-
-def _check_same_classes(names: list[str], val_names: list[str]) -> None:
-    if names != val_names:
-        missing = sorted(set(names) - set(val_names))
-        extra = sorted(set(val_names) - set(names))
-        raise ValueError(
-            "data.val_path must hold the same class subfolders as data.path; "
-            f"missing: {missing or 'none'}, extra: {extra or 'none'}"
-        )
-
-
 # --------------------------------------------------------------------------- decoding
 
 
 def _streamed_parts(
-    listing: _FolderListing,
+    listing: FolderListing,
     keep: np.ndarray,
     *,
     side: int | None,
@@ -199,7 +97,7 @@ def _streamed_parts(
 
 
 def _decoded_parts(
-    listing: _FolderListing,
+    listing: FolderListing,
     keep: np.ndarray,
     bad: list[tuple[Path, str]],
     *,
@@ -254,7 +152,7 @@ def _decode_file(path: Path | str, side: int | None) -> np.ndarray:
         if side is not None:
             # JPEG decodes at 1/2, 1/4 or 1/8 scale when that is still >= side: much faster.
             image.draft("RGB", (side, side))
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     return fit_array(rgb, side)
 
 
@@ -302,7 +200,7 @@ def _keep_readable(
     return np.asarray([error is None for _, error in results], dtype=bool)
 
 
-def _check_readable(listing: _FolderListing, keep: np.ndarray) -> None:
+def _check_readable(listing: FolderListing, keep: np.ndarray) -> None:
     for part, (field, folder) in enumerate(listing.parts):
         kept = listing.labels[listing.chosen(keep, part)]
         counts = np.bincount(kept, minlength=len(listing.names))

@@ -1,6 +1,7 @@
 """Crops and resizes of images: once when a set is stored, and per batch on the trial's device.
 
-* Store time: :func:`fit_array` (one PIL image) and :func:`fit_tensor` (a uint8 tensor of
+* Store time: :func:`to_rgb` turns a decoded file into 8-bit RGB (16-bit scaled, not clipped);
+  :func:`fit_array` (one PIL image) and :func:`fit_tensor` (a uint8 tensor of
   images) take the central square at the stored side, so the stored set does not depend on
   the searched resolution.
 * Train time: :func:`preprocess` resizes (or randomly crops and flips) a uint8 batch to the
@@ -19,7 +20,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
-__all__ = ["chw_tensor", "fit_array", "fit_tensor", "preprocess"]
+__all__ = ["chw_tensor", "fit_array", "fit_tensor", "preprocess", "to_rgb"]
+
+# TIFF tag BitsPerSample: how many of a 32-bit integer ("I") image's bits its samples use.
+_TIFF_BITS_PER_SAMPLE = 258
 
 
 def preprocess(
@@ -67,6 +71,32 @@ def preprocess(
 
 
 # --------------------------------------------------------------------------- store time
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of a decoded image, with 16- and 32-bit grayscale scaled instead of clipped.
+
+    PIL's ``convert("RGB")`` clips integer grayscale (modes ``I;16*`` and ``I``) at 255, so a
+    16-bit PNG comes out near-white. Here such samples keep their top 8 bits (``value >> 8``
+    for 16 bits, negative values black): the same reduction PIL itself applies when it opens
+    16-bit RGB PNGs (as 8-bit ``RGB``), so a 16-bit folder stores like its 8-bit export.
+    Every other mode goes through ``convert("RGB")``.
+    """
+    if image.mode.startswith("I"):  # "I", "I;16", "I;16B", ...: the integer grayscale modes
+        samples = np.asarray(image)
+        samples = np.maximum(samples, 0) if samples.dtype.kind == "i" else samples
+        top = np.minimum(samples >> max(_sample_bits(image) - 8, 0), 255)
+        image = Image.fromarray(top.astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _sample_bits(image: Image.Image) -> int:
+    if image.mode != "I":
+        return 16
+    # A TIFF says how deep its samples are (16 signed, 32); PIL's other "I" images come from
+    # 16-bit files (PNG in older Pillow, PGM), so without the tag 16 bits is right.
+    bits = getattr(image, "tag_v2", {}).get(_TIFF_BITS_PER_SAMPLE, 16)
+    return int(bits[0] if isinstance(bits, tuple) else bits)
 
 
 def fit_array(image: Image.Image, side: int | None) -> np.ndarray:
