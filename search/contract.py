@@ -33,6 +33,7 @@ __all__ = [
     "OBJECTIVE_COLUMNS",
     "PARETO_COLUMN",
     "READABLE_SCHEMA_VERSIONS",
+    "RESERVE_FILE",
     "SCHEMA_VERSION",
     "SELECTABLE",
     "SIGNATURES_FILE",
@@ -60,6 +61,7 @@ LOCK_OWNER_FILE = ".ftsearch.lock.owner"  # who holds it: pid, host, command
 # back a stale copy over the signatures written meanwhile.
 SIGNATURES_FILE = ".ftsearch-signatures"
 CONFIG_HISTORY_FILE = "config-changes.jsonl"  # what each resume changed in the config
+RESERVE_FILE = ".ftsearch-reserve"  # disk space held back to record how a failed run ended
 
 # Parquet metadata key b"ftsearch.schema_version". Version 2 dropped `flops`, which held
 # multiply-adds (2 x gmacs x 1e9 would have been FLOPs); version-1 files still read.

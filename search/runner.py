@@ -30,6 +30,9 @@ from search.storage import is_uri
 
 __all__ = ["resume_search", "run_search"]
 
+# Enough for both Parquet files of a search of thousands of trials.
+_RESERVE_BYTES = 8 * 2**20
+
 
 def _refuse(problems: Sequence[str]) -> int:
     for problem in problems:
@@ -60,14 +63,35 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _space_reserve(directory: Path) -> Iterator[Path]:
+    """A few MB held on the experiment's disk while the search runs, for :func:`_close_out`.
+
+    A search usually fails for lack of disk space when checkpoints fill it; then even the
+    small Parquet files that record how it ended cannot be written. Giving this space back
+    first lets them be written.
+    """
+    reserve = directory / C.RESERVE_FILE
+    try:
+        with reserve.open("wb") as handle:  # real bytes: a sparse file reserves nothing
+            handle.write(bytes(_RESERVE_BYTES))
+    except OSError:  # already full: the run goes on without one
+        reserve.unlink(missing_ok=True)
+    try:
+        yield reserve
+    finally:
+        reserve.unlink(missing_ok=True)
+
+
 def _close_out(cfg: ExperimentConfig) -> None:
     """After a failed or interrupted fit: no trial stays RUNNING in trials.parquet."""
     from search.tuner import results_store
 
-    try:
+    try:  # _space_reserve gave its space back before this runs
         store = results_store(cfg)
-        if store.interrupt_unfinished():
-            store.write()
+        store.interrupt_unfinished()
+        # Always: the callback may have journaled the end of the run but failed to write it.
+        store.write()
     except OSError as err:  # disk full: the journal keeps what the files lack
         print(f"ftsearch: could not update the results files ({err.strerror or err}); "
               f"`ftsearch resume {cfg.directory}` completes them", file=sys.stderr)
@@ -85,7 +109,9 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
 
         tuner = restore_tuner(cfg) if resume else build_tuner(cfg)
         try:
-            tuner.fit()
+            with _space_reserve(Path(cfg.directory)) if not is_uri(cfg.storage) else \
+                    contextlib.nullcontext():
+                tuner.fit()
         except BaseException as err:  # the search itself broke (or Ctrl-C), not one trial
             _close_out(cfg)
             if not isinstance(err, Exception):

@@ -163,6 +163,69 @@ def crash_and_resume(storage: Path, *, kills: int, replace_kills: int, seed: int
     return log
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 MB file system of its own (tmpfs), so the test can fill it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(bytes(2**20))
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_mid_run_then_resume_after_freeing_space_loses_no_row(small_disk):
+    storage = small_disk / "runs"
+    cfg = {**_config(storage), "train": {**_config(storage)["train"]}}
+    # Lite0 (packaged weights): its checkpoints are small enough for a small disk.
+    cfg["space"] = {**cfg["space"], "backbone": "efficientnet_lite0"}
+    cfg["train"]["weights"] = "packaged"
+    config = write_config(small_disk.parent / "full.yaml", cfg)
+    directory = storage / "crashes"
+    proc = _start(["run", str(config)], small_disk.parent / "full.log")
+    deadline = time.monotonic() + 180
+    while _epochs_on_disk(directory) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.log.read_text()[-3000:]  # type: ignore[attr-defined]
+        time.sleep(0.2)
+    filler = _fill(small_disk)
+    try:
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+    output = proc.log.read_text()  # type: ignore[attr-defined]
+    assert proc.returncode != 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    statuses = set(pd.read_parquet(directory / TRIALS_FILE).status)
+    assert "RUNNING" not in statuses, statuses
+    filler.unlink()
+    final = run_ftsearch("resume", str(directory), timeout=600)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    trials = pd.read_parquet(directory / TRIALS_FILE)
+    epochs = pd.read_parquet(directory / EPOCHS_FILE)
+    assert set(trials.status) == {"TERMINATED"} and len(trials) == _TRIALS
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    reported = set(_reported(directory, set(trials.trial_id)))
+    assert reported <= set(zip(epochs.trial_id, epochs.epoch, strict=True))
+    assert len(epochs) == _TRIALS * _EPOCHS
+
+
 def test_killed_driver_loses_no_result(tmp_path):
     log = crash_and_resume(tmp_path / "runs", kills=2, replace_kills=2, seed=1)
     assert sum("temp file existed" in line for line in log) >= 1, log
