@@ -10,6 +10,7 @@ interrupted leaves no trial RUNNING in trials.parquet.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,9 +59,18 @@ def _started(directory: Path) -> bool:
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     with ExperimentLock(directory):
         yield
+    lock_only = {C.LOCK_FILE, C.LOCK_OWNER_FILE}
+    if created and set(os.listdir(directory)) <= lock_only:
+        # A run refused once Ray was up (the cluster cannot serve it) wrote nothing but the
+        # lock: leave no directory behind.
+        for name in lock_only:
+            (directory / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 @contextlib.contextmanager
@@ -105,6 +115,8 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
         problem = session.cluster_problems(cfg)
         if problem:
             return _refuse([problem])
+        if not resume and not is_uri(cfg.storage):
+            _start_fresh(cfg)  # only once every check passed: a refused run leaves nothing
         from search.tuner import build_tuner, restore_tuner
 
         tuner = restore_tuner(cfg) if resume else build_tuner(cfg)
@@ -156,7 +168,6 @@ def run_search(config: str | Path, *, overrides: Sequence[str], address: str | N
         with _locked(directory):
             if _started(directory):  # another run got there between the checks
                 return _refuse(taken)
-            _start_fresh(cfg)
             return _announce_and_search(cfg, address, resume=False)
     except LockedError as err:
         return _refuse([str(err)])
@@ -215,7 +226,6 @@ def resume_search(directory: str | Path, *, overrides: Sequence[str] = (),
             if not _started(directory):
                 print(f"experiment {cfg.name} never started (its driver stopped before Tune "
                       f"saved any state): starting it now", flush=True)
-                _start_fresh(cfg)
                 return _announce_and_search(cfg, address, resume=False)
             problem = None if trust else _signature_problem(directory)
             if problem:

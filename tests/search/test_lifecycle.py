@@ -61,9 +61,9 @@ def test_a_second_driver_on_one_experiment_is_refused_naming_the_first(tmp_path,
         first.wait()
 
 
-def test_an_experiment_that_never_started_runs_again_or_resumes(tmp_path, capsys):
+def test_an_experiment_that_never_started_is_neither_taken_nor_resumed_blindly(tmp_path,
+                                                                               capsys):
     storage = tmp_path / "runs"
-    config = write_config(tmp_path / "one.yaml", {**ONE_TRIAL, "storage": str(storage)})
     directory = storage / "one"
     # Disk full at start: an empty config.yaml, and a tuner.pkl Tune wrote but nobody signed.
     directory.mkdir(parents=True)
@@ -72,16 +72,18 @@ def test_an_experiment_that_never_started_runs_again_or_resumes(tmp_path, capsys
     assert main(["resume", str(directory)]) == 2
     line = _one_error_line(capsys)
     assert "no trial ever ran" in line and "ftsearch run" in line
-    proc = run_ftsearch("run", str(config))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert len(pd.read_parquet(directory / TRIALS_FILE)) == 1
+    # `run` with the same name does not call it taken: here pre-flight is what refuses it.
+    config = write_config(tmp_path / "one.yaml", {**ONE_TRIAL, "storage": str(storage),
+                                                  "resources": {"cpu": 4096}})
+    assert main(["run", str(config)]) == 2
+    assert _one_error_line(capsys).startswith("ftsearch: resources.cpu")
 
 
 def test_killed_before_tune_saved_state_resumes_in_its_own_ray(tmp_path):
-    # A driver killed right after writing config.yaml: resume starts the search. It runs
-    # with a private RAY_TMPDIR naming a dead cluster, as `ray start` leaves behind: a
-    # local run must start its own Ray, not try to join that one. (A short path: Ray's
-    # socket paths must fit in 107 characters.)
+    # A driver killed right after writing config.yaml (Tune's unsigned tuner.pkl beside
+    # it): resume starts the search. It runs with a private RAY_TMPDIR naming a dead
+    # cluster, as `ray start` leaves behind: a local run must start its own Ray, not try to
+    # join that one. (A short path: Ray's socket paths must fit in 107 characters.)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     try:
         (ray_tmp / "ray").mkdir()
@@ -94,6 +96,7 @@ def test_killed_before_tune_saved_state_resumes_in_its_own_ray(tmp_path):
 
         config = write_config(tmp_path / "one.yaml", {**ONE_TRIAL, "storage": str(storage)})
         save_config(load_config(config))
+        (directory / "tuner.pkl").write_bytes(b"not a pickle")
         env = {**ftsearch_env(), "RAY_TMPDIR": str(ray_tmp)}
         proc = subprocess.run([*FTSEARCH, "resume", str(directory)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 
 import duckdb
 import pandas as pd
 import pytest
 
-from tests.conftest import FTSEARCH, ROOT, TINY, ftsearch_env, run_ftsearch, write_config
+from tests.conftest import TINY, run_ftsearch, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -74,55 +71,3 @@ def test_bad_config_exits_2_before_ray_starts(tmp_path):
     assert "search.num_samples" in lines[0] and "scheduler.type" in lines[1]
     assert time.monotonic() - started < 30
     assert not (tmp_path / "tiny").exists()
-
-
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def test_driver_killed_mid_search_then_resumed_ends_with_every_trial_once(tmp_path):
-    cfg = {**TINY, "name": "killed", "storage": str(tmp_path / "runs"),
-           "search": {"num_samples": 6, "max_concurrent": 2},
-           "space": {**TINY["space"], "backbone": "alexnet",
-                     "freeze_depth": {"type": "int", "low": 0, "high": 3}},
-           "scheduler": {"type": "none"}}
-    config = write_config(tmp_path / "killed.yaml", cfg)
-    directory = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([*FTSEARCH, "run", str(config)], cwd=ROOT, env=ftsearch_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-    def some_done() -> bool:
-        try:
-            trials = pd.read_parquet(directory / "trials.parquet")
-        except (FileNotFoundError, OSError):
-            return False
-        return (trials.status == "TERMINATED").sum() >= 2
-
-    try:
-        assert _wait_for(some_done, 240), "search made no progress"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-        proc.wait()
-    before = pd.read_parquet(directory / "trials.parquet")
-    assert len(before) < 6 or (before.status == "RUNNING").any()
-
-    resumed = run_ftsearch("resume", str(directory))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    trials = pd.read_parquet(directory / "trials.parquet")
-    epochs = pd.read_parquet(directory / "epochs.parquet")
-    assert len(trials) == 6 and trials.trial_id.is_unique
-    assert set(trials.status) == {"TERMINATED"}
-    assert not epochs.duplicated(["trial_id", "epoch"]).any()
-    assert (epochs.groupby("trial_id").epoch.count() == 3).all()
-    # finished trials are kept as they were; a trial started after Tune's last
-    # snapshot is unknown to the resumed search, which samples a replacement
-    done = before[before.status == "TERMINATED"].set_index("trial_id")
-    assert set(done.index) <= set(trials.trial_id)
-    after = trials.set_index("trial_id").loc[done.index]
-    assert (after.best_top1 == done.best_top1).all()
