@@ -6,7 +6,8 @@ reported (read back from Tune's own per-trial ``result.json``) is in epochs.parq
 once, no temp file is left, and without a scheduler every trial ended TERMINATED.
 
 The test runs a CI-sized version; the issue's acceptance size (5 random kills and 3 during
-a replace) runs with ``python -m tests.search.test_crash_resume --kills 5 --replace-kills 3``.
+a replace, then a full disk) runs with
+``python -m tests.search.test_crash_resume --kills 5 --replace-kills 3 --disk-full``.
 """
 
 from __future__ import annotations
@@ -234,11 +235,24 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--replace-kills", type=int, default=3)
+    parser.add_argument("--disk-full", action="store_true",
+                        help="then fill the disk mid-run (mounts a 256 MB tmpfs: needs root)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        for line in crash_and_resume(Path(root) / "runs", kills=args.kills,
-                                     replace_kills=args.replace_kills, seed=args.seed):
-            print(line)
+        disk = None
+        if args.disk_full:
+            disk = Path(root, "small")
+            disk.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)],
+                           check=True)
+        try:
+            for line in crash_and_resume((disk or Path(root)) / "runs", kills=args.kills,
+                                         replace_kills=args.replace_kills, seed=args.seed,
+                                         fill_disk=disk):
+                print(line)
+        finally:
+            if disk is not None:
+                subprocess.run(["umount", "-l", str(disk)], check=False)
     print("every reported epoch present exactly once; no temp file; all TERMINATED")
     sys.exit(0)
