@@ -206,6 +206,11 @@ def resume_search(directory: str | Path, *, overrides: Sequence[str] = (),
     """
     directory = Path(directory).resolve()
     config_file = directory / C.CONFIG_FILE
+    try:
+        if directory.is_dir():  # a driver still starting has no config.yaml yet: name it
+            ExperimentLock(directory).check_free()
+    except LockedError as err:
+        return _refuse([str(err)])
     if not config_file.is_file():
         return _refuse([f"{directory} is not an ftsearch experiment directory (no "
                         f"{C.CONFIG_FILE})"])
