@@ -90,7 +90,6 @@ class ParquetCallback(tune.Callback):
                  objectives: Sequence[tuple[str, str]], fail_fast: FailFast | None = None,
                  sign_state: bool = False, min_interval_s: float = 2.0) -> None:
         self.fail_fast = fail_fast
-        self.directory = directory
         self.sign_state = sign_state
         self.store_args = {"directory": directory, "param_types": dict(param_types),
                            "max_epochs": max_epochs, "objectives": list(objectives)}
@@ -108,8 +107,9 @@ class ParquetCallback(tune.Callback):
         # experiment and search state files into its staging directory and before a
         # background copy moves them into the experiment directory: sign them now.
         if self.sign_state:
-            for staging in _staging_dirs(Path(self.directory).name):
-                sign_files(self.directory, tune_state_files(staging))
+            directory = self.store_args["directory"]
+            for staging in _staging_dirs(Path(directory).name):
+                sign_files(directory, tune_state_files(staging))
         return None  # nothing to save: the rows live in Parquet
 
     @property

@@ -18,6 +18,7 @@ from typing import Any
 
 from search.config import ExperimentConfig, dump_config
 from search.contract import CONFIG_FILE, CONFIG_HISTORY_FILE
+from search.storage import replace_file
 
 __all__ = [
     "RESUMABLE_FIELDS",
@@ -84,7 +85,4 @@ def record_changes(cfg: ExperimentConfig, changes: Mapping[str, tuple[Any, Any]]
 
 def write_config(cfg: ExperimentConfig) -> None:
     """Writes ``cfg`` as the experiment's config.yaml, atomically (never a torn file)."""
-    final = Path(cfg.directory) / CONFIG_FILE
-    tmp = final.with_name(f".{CONFIG_FILE}.tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(final)
+    replace_file(Path(cfg.directory) / CONFIG_FILE, dump_config(cfg).encode())

@@ -74,21 +74,24 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _space_reserve(directory: Path) -> Iterator[Path]:
+def _space_reserve(cfg: ExperimentConfig) -> Iterator[None]:
     """A few MB held on the experiment's disk while the search runs, for :func:`_close_out`.
 
     A search usually fails for lack of disk space when checkpoints fill it; then even the
     small Parquet files that record how it ended cannot be written. Giving this space back
-    first lets them be written.
+    first lets them be written. Remote storage gets none.
     """
-    reserve = directory / C.RESERVE_FILE
+    if is_uri(cfg.storage):
+        yield
+        return
+    reserve = Path(cfg.directory) / C.RESERVE_FILE
     try:
         with reserve.open("wb") as handle:  # real bytes: a sparse file reserves nothing
             handle.write(bytes(_RESERVE_BYTES))
     except OSError:  # already full: the run goes on without one
         reserve.unlink(missing_ok=True)
     try:
-        yield reserve
+        yield
     finally:
         reserve.unlink(missing_ok=True)
 
@@ -121,8 +124,7 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
 
         tuner = restore_tuner(cfg) if resume else build_tuner(cfg)
         try:
-            with _space_reserve(Path(cfg.directory)) if not is_uri(cfg.storage) else \
-                    contextlib.nullcontext():
+            with _space_reserve(cfg):
                 tuner.fit()
         except BaseException as err:  # the search itself broke (or Ctrl-C), not one trial
             _close_out(cfg)

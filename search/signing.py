@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from search.contract import SIGNATURES_FILE
+from search.storage import replace_file
 
 __all__ = [
     "SEARCH_GENERATOR_STATE",
@@ -125,13 +126,8 @@ def sign_files(experiment: str | os.PathLike[str], files: Iterable[Path]) -> Non
         digest = _digest(key, file.name, file.read_bytes())
         kept = [d for d in signatures.get(file.name, []) if d != digest]
         signatures[file.name] = [*kept, digest][-_KEPT_DIGESTS:]
-    tmp = directory / f".{SIGNATURES_FILE}.{secrets.token_hex(8)}.tmp"
-    try:
-        tmp.write_text(json.dumps({"version": 1, "files": signatures}, indent=1))
-        os.replace(tmp, directory / SIGNATURES_FILE)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    replace_file(directory / SIGNATURES_FILE,
+                 json.dumps({"version": 1, "files": signatures}, indent=1).encode())
 
 
 def unsigned_files(experiment: str | os.PathLike[str]) -> list[str]:

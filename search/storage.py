@@ -6,6 +6,7 @@ pyarrow can write (``s3://``, ``gs://``). The experiment directory is ``<storage
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ __all__ = [
     "experiment_dir",
     "is_uri",
     "probe_writable",
+    "replace_file",
     "shared_storage",
     "storage_filesystem",
     "storage_root",
@@ -70,6 +72,18 @@ def probe_writable(directory: str | Path) -> str | None:
             except OSError:
                 break
     return None
+
+
+def replace_file(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` as local file ``path`` atomically: a reader, or a driver killed
+    mid-write, sees the old file or the whole new one, and no temp file stays behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def storage_filesystem(path: str | Path, *, mounts: str = "/proc/mounts") -> str | None:

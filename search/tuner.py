@@ -31,7 +31,7 @@ from search.space import (
     make_sampler,
     sample_configs,
 )
-from search.storage import is_uri, storage_root
+from search.storage import is_uri, replace_file, storage_root
 from search.store import ResultsStore
 from trainables import metrics as M
 from trainables.finetune import tune_trainable
@@ -257,7 +257,5 @@ def _update_search_state(cfg: ExperimentConfig) -> None:
     limiter = state.get("name:ConcurrencyLimiter")
     if isinstance(limiter, dict) and cfg.search.max_concurrent:
         limiter["max_concurrent"] = cfg.search.max_concurrent
-    tmp = newest.with_name(f".{newest.name}.tmp")
-    tmp.write_bytes(cloudpickle.dumps(state))
-    tmp.replace(newest)
+    replace_file(newest, cloudpickle.dumps(state))
     sign_files(cfg.directory, [newest])
