@@ -2,6 +2,8 @@
 
     python -m benchmarks.run_all            # the CPU benchmarks, ~10-15 min on 2 cores
     python -m benchmarks.run_all --smoke    # every code path at toy sizes (the test suite)
+    python -m benchmarks.run_all --only classical_heads --merge
+                                            # re-runs one, replacing only its section
 
 GPU figures are measured only where CUDA is visible; elsewhere they are marked open.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 import time
 import traceback
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, Figure, Section, load_average, machine, stop_ray
 
-__all__ = ["BENCHMARKS", "main", "render"]
+__all__ = ["BENCHMARKS", "main", "merge", "render"]
 
 # Timing-sensitive ones first. Scheduling leads: like `ftsearch run`, its searches then get
 # a fresh driver and Ray, not one that has trained models in-process.
@@ -28,6 +31,7 @@ BENCHMARKS = (
     "scheduling",
     "trial_overhead",
     "frozen_cache",
+    "classical_heads",
     "data_path",
     "gpu_fast_path",
     "search_efficiency",
@@ -47,6 +51,28 @@ def _run_one(name: str, *, smoke: bool) -> Section:
     return section
 
 
+def _order(ref: str) -> tuple[bool, str]:
+    # Numbered as the issue numbers its goals, whatever order they ran in.
+    return not ref[:1].isdigit(), ref
+
+
+def _rows(section: Section) -> list[str]:
+    """The section's lines of the summary table."""
+    return [f"| {section.ref} | {f.name} | {f.value} | {f.goal or '-'} | {f.status} |"
+            for f in section.figures]
+
+
+def _chunk(section: Section, note: str = "") -> str:
+    """The section's part of the file, from its heading on."""
+    return "\n".join([f"## {section.title}", "", f"_{section.seconds:.0f} s{note}._", "",
+                      section.body.strip()])
+
+
+def _machine_line(info: dict[str, str]) -> str:
+    return (f"{info['platform']}; CPU: {info['cpu']}, {info['cores']} cores; memory "
+            f"{info['memory']}; GPU: {info['gpu']}")
+
+
 def render(sections: list[Section], *, command: str, seconds: float, smoke: bool,
            load: tuple[str, str]) -> str:
     """BENCHMARKS.md from the sections."""
@@ -62,8 +88,7 @@ def render(sections: list[Section], *, command: str, seconds: float, smoke: bool
         f"- Command: `{command}`" + (" (smoke mode: toy sizes, not figures)" if smoke else ""),
         f"- Total time: {seconds / 60:.1f} min; load average at start {load[0]}, at end "
         f"{load[1]}",
-        f"- Machine: {info['platform']}; CPU: {info['cpu']}, {info['cores']} cores; memory "
-        f"{info['memory']}; GPU: {info['gpu']}",
+        f"- Machine: {_machine_line(info)}",
         f"- Software: Python {info['python']}, torch {info['torch']}, ray {info['ray']}, "
         f"optuna {info['optuna']}",
         "",
@@ -74,16 +99,68 @@ def render(sections: list[Section], *, command: str, seconds: float, smoke: bool
                   "on CPU in CI).", ""]
     lines += ["## Summary", "", "| # | figure | measured | goal | status |",
               "|---|---|---|---|---|"]
-    # Numbered as the issue numbers its goals, whatever order they ran in.
-    sections = sorted(sections, key=lambda s: (not s.ref[:1].isdigit(), s.ref))
+    sections = sorted(sections, key=lambda s: _order(s.ref))
     for section in sections:
-        for f in section.figures:
-            lines.append(f"| {section.ref} | {f.name} | {f.value} | {f.goal or '-'} | "
-                         f"{f.status} |")
+        lines += _rows(section)
     for section in sections:
-        lines += ["", f"## {section.title}", "", f"_{section.seconds:.0f} s._", "",
-                  section.body.strip()]
+        lines += ["", _chunk(section)]
     return "\n".join(lines) + "\n"
+
+
+def merge(old: str, sections: list[Section], *, command: str, seconds: float,
+          load: tuple[str, str]) -> str:
+    """``old`` (a BENCHMARKS.md) with ``sections`` put in place of theirs, the rest kept.
+
+    A section replaces the one with its title (or a failed run of its benchmark) and its
+    summary rows replace the rows of its ``ref``; a new one is inserted in ``ref`` order.
+    The header keeps the full run's date and machine and gains a line naming this run's.
+
+    Raises:
+        ValueError: ``old`` is not a file :func:`render` wrote.
+    """
+    head, found, rest = old.partition("\n## Summary\n")
+    if not found:
+        raise ValueError("no '## Summary' heading: not a BENCHMARKS.md written by run_all")
+    table, _, tail = rest.partition("\n## ")
+    rows = [line for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith(("| # |", "|---"))]
+    chunks = ["## " + c.strip("\n") for c in ("\n" + tail).split("\n## ") if c.strip()]
+    refs = list(dict.fromkeys(row[2:].split(" | ", 1)[0] for row in rows))
+    if len(refs) != len(chunks):
+        raise ValueError(f"{len(chunks)} sections but {len(refs)} refs in the summary: "
+                         f"re-run every benchmark instead")
+    new_refs = {s.ref for s in sections}
+    new_titles = {s.title for s in sections} | {f"{s.key}: failed" for s in sections}
+    entries = [(ref, [r for r in rows if r[2:].split(" | ", 1)[0] == ref], chunk)
+               for ref, chunk in zip(refs, chunks, strict=True)
+               if ref not in new_refs and chunk.splitlines()[0][3:] not in new_titles]
+    info = machine()
+    when = datetime.now().astimezone().isoformat(timespec="minutes")
+    note = f"; {when}, `{command}`"
+    entries += [(s.ref, _rows(s), _chunk(s, note)) for s in sections]
+    entries.sort(key=lambda e: _order(e[0]))
+    update = (f"- Updated {when}: `{command}` re-ran {', '.join(s.key for s in sections)} "
+              f"({seconds / 60:.1f} min; load average at start {load[0]}, at end {load[1]}) on "
+              f"{_machine_line(info)}; those sections carry this date, the others are from the run "
+              f"above")
+    rerun = {s.key for s in sections}
+    lines = [line for line in head.rstrip("\n").splitlines()
+             if not _superseded(line, rerun)]
+    at = max((i for i, line in enumerate(lines) if line.startswith("- ")), default=len(lines) - 1)
+    lines.insert(at + 1, update)
+    lines += ["", "## Summary", "", "| # | figure | measured | goal | status |",
+              "|---|---|---|---|---|"]
+    for _, entry_rows, _ in entries:
+        lines += entry_rows
+    for _, _, chunk in entries:
+        lines += ["", chunk]
+    return "\n".join(lines) + "\n"
+
+
+def _superseded(line: str, rerun: set[str]) -> bool:
+    """Whether ``line`` is an earlier merge's "Updated" line for benchmarks re-run now."""
+    found = re.match(r"- Updated .*? re-ran (.+?) \(", line)
+    return bool(found) and set(found.group(1).split(", ")) <= rerun
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md",
                         help="where to write the report (default: BENCHMARKS.md)")
     parser.add_argument("--only", help="comma-separated benchmark names (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only these benchmarks' sections and summary rows in the "
+                             "existing report, keeping the others (with --only)")
     args = parser.parse_args(argv)
+    if args.merge and not args.out.exists():
+        parser.error(f"--merge needs an existing report at {args.out}")
+    if args.merge and args.smoke != ("smoke mode" in args.out.read_text()):
+        parser.error("--merge would mix smoke-mode and real figures in one report")
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
@@ -112,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   {f.status:5} {f.name}: {f.value} (goal {f.goal or '-'})", flush=True)
     finally:
         stop_ray()
-    text = render(sections, command=command, seconds=time.perf_counter() - t0,
-                  smoke=args.smoke, load=(load_start, load_average()))
+    timing = {"command": command, "seconds": time.perf_counter() - t0,
+              "load": (load_start, load_average())}
+    if args.merge:
+        text = merge(args.out.read_text(), sections, **timing)
+    else:
+        text = render(sections, smoke=args.smoke, **timing)
     args.out.write_text(text)
     print(f"wrote {args.out} in {(time.perf_counter() - t0) / 60:.1f} min")
     failed = [s.key for s in sections if any(f.status == "ERROR" for f in s.figures)]

@@ -2,11 +2,12 @@
 
 The demo task made smaller (32 px, 20 training images per class) and its space discretised
 to a grid: backbone {efficientnet_lite0 (packaged weights), resnet18 (from scratch)},
-freeze_depth 0..9 step 3 (capped at the backbone's stages), lr and lr_scale 3 log-spaced
-values each. The grid's points are ftsearch's own (``search.space.grid_points``); every point
-is trained once for 4 epochs by ``run_trial`` (seed 0, two processes), which gives its top-1
-after each epoch. A trial is deterministic given its point, so the three searches then
-replay against that table in one process, each paying for every epoch it trains:
+freeze_depth 0..9 step 3 for Lite0 (resnet18 trains every stage: frozen random weights
+would stay random), lr and lr_scale 3 log-spaced values each. The grid's points are
+ftsearch's own (``search.space.grid_points``); every point is trained once for 4 epochs by
+``run_trial`` (seed 0, two processes), which gives its top-1 after each epoch. A trial is
+deterministic given its point, so the three searches then replay against that table in
+one process, each paying for every epoch it trains:
 
 * grid: every point, 4 epochs each, in ftsearch's seeded grid order; its total is the budget;
 * random: Optuna's RandomSampler over the same points, 4 epochs each, no early stopping;
@@ -57,7 +58,7 @@ SPACE = {
 }
 _SMOKE_TRAIN = {**TRAIN, "resolution": 32, "epochs": 2, "max_steps_per_epoch": 1}
 _SMOKE_SPACE = {
-    "backbone": {"type": "choice", "values": ["resnet18"]},
+    "backbone": {"type": "choice", "values": ["efficientnet_lite0", "resnet18"]},
     "freeze_depth": {"type": "int", "low": 3, "high": 5, "step": 2},
     "lr": {"type": "loguniform", "low": 0.01, "high": 0.1, "grid_points": 2},
 }

@@ -5,7 +5,10 @@ numbers, tensors), so :func:`load_model` reads it with ``weights_only=True``:
 loading a model file never runs code from it. It holds the weights and
 everything needed to use them: backbone name and constructor arguments, class
 names, input resolution, normalisation, the image size the data was stored
-at, and the trial's config and scores.
+at, and the trial's config and scores. A classical head (``logreg``, ``svm``,
+``xgboost``) is stored beside the backbone as its own state
+(:meth:`trainables.heads.FittedHead.state`: tensors, and xgboost's JSON model text),
+with the stage its pooled features come from.
 
 The file is written atomically (a temporary file beside it, then a rename): ``--out``
 is either the complete new model or exactly what it was before, never half a file.
@@ -24,13 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
 
 from search import contract as C
 from search.analysis import AnalysisError, leaderboard, load_experiment, trial_config
 from search.storage import probe_writable
+from trainables.classical import HEAD_STATE_KEY, FeatureHeadNet
 from trainables.data import IMAGE_EXTENSIONS, load_data, parse_spec, preprocess, to_rgb
 from trainables.finetune import build_model, load_checkpoint_state, resolve_trial_config
+from trainables.heads import head_from_state
 from trainables.models import StagedNet, build_backbone
+from trainables.params import CLASSICAL_HEADS, HEADS
 from trainables.runtime import TrialSetupError
 
 __all__ = [
@@ -43,10 +50,15 @@ __all__ = [
     "load_model",
     "model_file_target",
     "predict",
+    "scores_are_probabilities",
 ]
 
 FORMAT = "ftsearch-model"
-FORMAT_VERSION = 1
+# Version 2 added classical heads (`head`, `feature_depth`, `head_state`); a version-1 file
+# is a linear-head model and still loads. A reader of version 1 refuses version 2, rather
+# than predicting with the untrained linear classifier of a classical-head model.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def _positive_int(value: Any) -> bool:
@@ -248,6 +260,10 @@ def export_model(directory: str | Path, *, out: str | Path,
         raise AnalysisError(f"{ckpt}: checkpoint does not fit trial {row['trial_id']}'s "
                             f"{cfg.backbone} ({problem})")
     model.load_state_dict(state["model"])
+    classical = cfg.head in CLASSICAL_HEADS
+    if classical and HEAD_STATE_KEY not in state:
+        raise AnalysisError(f"{ckpt}: checkpoint of trial {row['trial_id']} has no fitted "
+                            f"{cfg.head} head")
     epoch = int(state["epoch"])
     scores = exp.epochs[(exp.epochs["trial_id"] == row["trial_id"])
                         & (exp.epochs["epoch"] == epoch)]
@@ -268,13 +284,22 @@ def export_model(directory: str | Path, *, out: str | Path,
         "std": list(model.std),
         "image_size": parse_spec(cfg.data).image_size,  # the spec fills in its default
         "trial_config": cfg.model_dump(),
+        "head": cfg.head,
+        # Stages whose pooled output feeds a classical head (the linear head uses them all).
+        "feature_depth": cfg.freeze_depth if classical else len(model.stages),
     }
-    _save_atomically({**meta, "state_dict": model.state_dict()}, target)
+    payload = {**meta, "state_dict": model.state_dict()}
+    if classical:
+        payload["head_state"] = state[HEAD_STATE_KEY]
+    _save_atomically(payload, target)
     return meta
 
 
-def load_model(path: str | Path) -> tuple[StagedNet, dict[str, Any]]:
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuilds the network of a model file, in eval mode; returns it and the metadata.
+
+    The network maps preprocessed images to class scores: logits for the linear head,
+    a classical head's probabilities or (SVM) decision values (:func:`predict`).
 
     Raises:
         ModelFileError: A missing, unreadable, foreign or incomplete file, or weights that
@@ -290,9 +315,9 @@ def load_model(path: str | Path) -> tuple[StagedNet, dict[str, Any]]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an ftsearch model file (export one with "
                              f"`ftsearch export`)")
-    if payload.get("version") != FORMAT_VERSION:
+    if payload.get("version") not in READABLE_VERSIONS:
         raise ModelFileError(f"{path}: model file version {payload.get('version')}, this "
-                             f"ftsearch reads version {FORMAT_VERSION}")
+                             f"ftsearch reads versions {list(READABLE_VERSIONS)}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise ModelFileError(f"{path}: missing keys {missing}")
@@ -317,7 +342,22 @@ def load_model(path: str | Path) -> tuple[StagedNet, dict[str, Any]]:
         raise ModelFileError(f"{path}: weights do not fit backbone {name}: {problem}")
     model.load_state_dict(payload["state_dict"])
     model.eval()
-    return model, {k: v for k, v in payload.items() if k != "state_dict"}
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "head_state")}
+    meta.setdefault("head", "linear")  # version 1
+    if meta["head"] not in HEADS:
+        raise ModelFileError(f"{path}: head must be one of {list(HEADS)}, not "
+                             f"{_one_line(repr(meta['head']))}")
+    if meta["head"] == "linear":
+        return model, meta
+    depth = meta.get("feature_depth")
+    if not _positive_int(depth) or depth > len(model.stages):
+        raise ModelFileError(f"{path}: feature_depth must be 1..{len(model.stages)} for "
+                             f"{name}, not {_one_line(repr(depth))}")
+    try:
+        head = head_from_state(payload.get("head_state"))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ModelFileError(f"{path}: unusable {meta['head']} head ({_one_line(err)})") from None
+    return FeatureHeadNet(model, depth=depth, head=head).eval(), meta
 
 
 def image_files(path: str | Path) -> list[Path]:
@@ -343,14 +383,22 @@ def _read_image(path: Path, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def predict(model: StagedNet, meta: Mapping[str, Any], files: Sequence[Path], *, top: int = 5,
+def scores_are_probabilities(meta: Mapping[str, Any]) -> bool:
+    """Whether :func:`predict` gives probabilities (an SVM gives decision values: one-vs-one
+    votes plus a confidence below one, as scikit-learn's ``decision_function``)."""
+    return meta.get("head", "linear") != "svm"
+
+
+def predict(model: nn.Module, meta: Mapping[str, Any], files: Sequence[Path], *, top: int = 5,
             batch_size: int = 64) -> tuple[list[tuple[Path, list[tuple[str, float]]]],
                                            list[tuple[Path, str]]]:
-    """Class probabilities of each image, as the trial evaluated its validation images.
+    """Class scores of each image, as the trial evaluated its validation images.
+
+    Probabilities, except for an SVM head (:func:`scores_are_probabilities`).
 
     Returns:
         ``(predictions, failures)``: per readable file its ``top`` (class name,
-        probability) pairs, most likely first; per unreadable file why.
+        score) pairs, most likely first; per unreadable file why.
     """
     predictions, failures = [], []
     k = min(top, meta["num_classes"])
@@ -367,7 +415,9 @@ def predict(model: StagedNet, meta: Mapping[str, Any], files: Sequence[Path], *,
             x = preprocess(torch.stack([img for _, img in group]),
                            resolution=meta["resolution"], mean=meta["mean"], std=meta["std"])
             with torch.no_grad():
-                probs = torch.softmax(model(x).float(), dim=1)
+                probs = model(x).float()
+            if meta.get("head", "linear") == "linear":  # logits; classical heads score
+                probs = torch.softmax(probs, dim=1)
             values, indices = probs.topk(k, dim=1)
             for (f, _), v, i in zip(group, values.tolist(), indices.tolist(), strict=True):
                 predictions.append((f, [(meta["class_names"][c], p) for c, p in zip(i, v,

@@ -4,7 +4,9 @@ Every trial parameter in ``train:`` and ``space:`` is checked against its field 
 :class:`trainables.params.TrialParams` (a distribution's range must lie inside the field's
 valid range, its choices must be valid values), then the rules that tie fields together:
 freeze depth against the sampled backbones' stages, pretrained weights against the
-backbones that have them, EfficientNet coefficients, warm-start points, scheduler settings.
+backbones that have them, heads against weights (no frozen random weights, no classical
+head on random features) and each head's own parameters, EfficientNet coefficients,
+warm-start points, scheduler settings.
 Files (weights, data folders, storage) are checked later, by :mod:`search.preflight`.
 """
 
@@ -20,11 +22,16 @@ from trainables.models.registry import (
     stage_count,
 )
 from trainables.params import (
+    CLASSICAL_HEADS,
     EFFICIENTNET_KEYS,
+    HEAD_PARAMS,
     TRIAL_PARAMS,
+    TrialParams,
     field_problems,
     is_integer_field,
     is_numeric_field,
+    param_applies,
+    resolve_weights,
 )
 
 __all__ = ["config_problems"]
@@ -100,6 +107,93 @@ def _freeze_depth_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[
     return problems
 
 
+def _where(cfg: ExperimentConfig, key: str) -> str:
+    return f"space.{key}" if key in cfg.space else f"train.{key}"
+
+
+def _choices(cfg: ExperimentConfig, key: str) -> list[Any] | None:
+    """The values ``key`` can take in a trial, or None for a numeric range."""
+    entry = cfg.space.get(key, cfg.train.get(key, TrialParams.model_fields[key].default))
+    if not isinstance(entry, Distribution):
+        return [entry]
+    return list(entry.values or []) if entry.type == "choice" else None
+
+
+def _given(cfg: ExperimentConfig, key: str) -> bool:
+    return key in cfg.space or key in cfg.train
+
+
+def _head_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
+    """Heads against weights and freezing; each head's parameters only with that head."""
+    heads = _choices(cfg, "head") or []
+    classical = [h for h in heads if h in CLASSICAL_HEADS]
+    random = sorted({b for _, b, w in cfg.weights_choices() if w == "none"})
+    problems = []
+    searched = cfg.searched()
+    depth = cfg.space.get("freeze_depth", cfg.train.get("freeze_depth", 0))
+    if random:
+        if classical and "head" not in searched:
+            problems.append(f"{_where(cfg, 'head')}: {classical[0]!r} is fitted on frozen "
+                            f"pretrained features, but {random} have weights 'none' (random); "
+                            f"use head 'linear' there or pretrained weights")
+        if not isinstance(depth, Distribution) and depth:
+            problems.append(f"{_where(cfg, 'freeze_depth')}: {depth!r} would keep stages of "
+                            f"{random} frozen at their random initial values (weights: "
+                            f"'none'); the valid value there is 0 (search freeze_depth to vary "
+                            f"it for pretrained backbones only), or give pretrained weights")
+        pretrained = {b for _, b, w in cfg.weights_choices() if w != "none"}
+        # A one-value choice of the only possible value (best.yaml pins a derived one) is fine.
+        only = {"head": [["linear"]], "freeze_depth": [[0]]}
+        for key in ("head", "freeze_depth"):
+            if key in searched and not pretrained and _choices(cfg, key) not in only[key]:
+                problems.append(f"space.{key}: every backbone here ({random}) has weights "
+                                f"'none', so every trial uses "
+                                f"{'head linear' if key == 'head' else 'freeze_depth 0'}; "
+                                f"give pretrained weights or fix it")
+    for head, keys in HEAD_PARAMS.items():
+        for key in keys:
+            if _given(cfg, key) and head not in heads:
+                problems.append(f"{_where(cfg, key)}: applies to head {head!r} only; the "
+                                f"heads here are {heads}")
+    if _given(cfg, "svm_gamma") and "rbf" not in (_choices(cfg, "svm_kernel") or ["rbf"]):
+        problems.append(f"{_where(cfg, 'svm_gamma')}: applies to svm_kernel 'rbf' only")
+    if _given(cfg, "features_from") and not classical:
+        problems.append(f"{_where(cfg, 'features_from')}: applies to the classical heads "
+                        f"{list(CLASSICAL_HEADS)}; the heads here are {heads}")
+    if classical and "head" not in searched and depth and not isinstance(depth, Distribution):
+        problems.append(f"{_where(cfg, 'freeze_depth')}: head {classical[0]!r} uses the whole "
+                        f"frozen backbone (features_from picks an earlier stage); remove "
+                        f"freeze_depth")
+    if classical and "probe" in (_choices(cfg, "head_init") or []) and "head" not in searched:
+        problems.append(f"{_where(cfg, 'head_init')}: 'probe' initialises the linear head; "
+                        f"head {classical[0]!r} is fitted on its own")
+    problems += _features_from_problems(cfg, backbones)
+    if classical and cfg.scheduler.type == "pbt":
+        problems.append(f"scheduler.type: pbt mutates the training of running trials; the "
+                        f"classical heads {classical} are fitted in one go. Use asha, "
+                        f"hyperband, median or none")
+    return problems
+
+
+def _features_from_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
+    entry = cfg.space.get("features_from", cfg.train.get("features_from"))
+    min_stages = min(stage_count(b) for b in backbones)
+    max_stages = max(stage_count(b) for b in backbones)
+    if entry is None:
+        return []
+    if not isinstance(entry, Distribution):
+        if entry > min_stages:
+            return [f"{_where(cfg, 'features_from')}: {entry!r} is outside 1..{min_stages}, "
+                    f"the stage range of {backbones}"]
+        return []
+    if entry.type == "int" and entry.high > max_stages:
+        return [f"space.features_from.high: {int(entry.high)} is above every backbone's stage "
+                f"count (valid: 1..{max_stages}); it is capped per backbone"]
+    if entry.type == "choice" and any(v > min_stages for v in entry.values or []):
+        return [f"space.features_from.values: must be within 1..{min_stages} for {backbones}"]
+    return []
+
+
 def _weights_problems(cfg: ExperimentConfig) -> list[str]:
     problems = set()
     for field, backbone, chosen in cfg.weights_choices():
@@ -146,7 +240,10 @@ def _points_problems(cfg: ExperimentConfig) -> list[str]:
                                 f"freeze_fraction (0..1) instead")
                 continue
             dist = searched.get(key)
-            if dist is None:
+            reason = _point_reason(cfg, point, key)
+            if reason:
+                problems.append(f"{where}: {reason}")
+            elif dist is None:
                 problems.append(f"{where}: not a searched parameter; searched ones are "
                                 f"{sorted(searched)}")
             elif dist.type == "choice":
@@ -156,6 +253,18 @@ def _points_problems(cfg: ExperimentConfig) -> list[str]:
                   or not dist.low <= value <= dist.high):
                 problems.append(f"{where}: {value!r} is outside [{dist.low:g}, {dist.high:g}]")
     return problems
+
+
+def _point_reason(cfg: ExperimentConfig, point: dict[str, Any], key: str) -> str | None:
+    """Why ``key`` means nothing for the trial ``point`` describes (None if it applies)."""
+    config = {**cfg.fixed(), **point}
+    if param_applies(key, config):
+        return None
+    backbone = config.get("backbone", TrialParams.model_fields["backbone"].default)
+    weights = resolve_weights(config.get("weights", "none"), backbone)
+    head = config.get("head", "linear")
+    return (f"does not apply to this point's trial (backbone {backbone!r} with weights "
+            f"{weights!r}, head {head!r}); the search would not use it")
 
 
 def _scheduler_problems(cfg: ExperimentConfig) -> list[str]:
@@ -179,6 +288,8 @@ def config_problems(cfg: ExperimentConfig) -> list[str]:
     if problems:
         return problems  # the cross-field rules below assume each value is sane
     backbones = cfg.backbone_choices()
-    return (_freeze_depth_problems(cfg, backbones) + _weights_problems(cfg)
-            + _efficientnet_problems(cfg, backbones) + _points_problems(cfg)
+    problems = _freeze_depth_problems(cfg, backbones) + _weights_problems(cfg)
+    if not problems:  # a depth out of range is the one thing to say about it
+        problems = _head_problems(cfg, backbones)
+    return (problems + _efficientnet_problems(cfg, backbones) + _points_problems(cfg)
             + _scheduler_problems(cfg))

@@ -2,10 +2,10 @@
 
 Define-by-run lets a trial's parameters depend on what was sampled before:
 the EfficientNet coefficients exist only when the backbone is ``efficientnet``
-(``resolution`` only for the EfficientNet family), ``freeze_depth`` is capped
-at the sampled backbone's stage count, and under a compound-scaling
-constraint ``gamma`` is drawn only from the values that keep
-alpha * beta**2 * gamma**2 within the tolerance of 2.
+(``resolution`` only for the EfficientNet family), a classical head's parameters only
+for that head, ``freeze_depth`` is capped at the sampled backbone's stage count and is 0
+for random weights, and under a compound-scaling constraint ``gamma`` is drawn only from
+the values that keep alpha * beta**2 * gamma**2 within the tolerance of 2.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import optuna
 
 from search.config import Distribution, ExperimentConfig
-from trainables.models.registry import is_efficientnet, stage_count
-from trainables.params import EFFICIENTNET_KEYS
+from trainables.models.registry import stage_count
+from trainables.params import CLASSICAL_HEADS, TrialParams, param_applies
 
 __all__ = [
     "DefineByRun",
@@ -61,19 +61,29 @@ def _suggest(trial: optuna.Trial, name: str, dist: Distribution, *, grid: bool,
     return trial.suggest_float(name, low, high, step=dist.step)
 
 
-def _applies(key: str, backbone: str) -> bool:
-    if key in EFFICIENTNET_KEYS:
-        return backbone == "efficientnet"
-    if key == "resolution":
-        return is_efficientnet(backbone)
-    return True
+# Sampled first, in this order: whether the rest applies hangs off them.
+_LEADING = ("backbone", "weights", "head", "svm_kernel")
+# Sampled last: capped at the sampled backbone's stage count (and after `features_from`).
+_TRAILING = ("features_from", "freeze_depth")
+
+
+def _order(key: str) -> tuple[int, int]:
+    if key in _LEADING:
+        return 0, _LEADING.index(key)
+    if key in _TRAILING:
+        return 2, _TRAILING.index(key)
+    return 1, 0
 
 
 class DefineByRun:
     """``f(trial) -> constants``: samples one trial's parameters (picklable, for Tune).
 
-    The returned dict holds derived values (``freeze_depth`` from a fraction),
-    which Ray Tune merges into the trial config with the sampled ones.
+    A parameter is sampled only where it applies (:func:`trainables.params.param_applies`):
+    the EfficientNet coefficients for ``efficientnet``, an SVM's ``svm_c`` for ``head: svm``,
+    the SGD settings for the linear head. The returned dict holds derived values, which Ray
+    Tune merges into the trial config with the sampled ones: ``freeze_depth`` from a
+    fraction, ``freeze_depth`` 0 and ``head`` linear for a backbone with random weights
+    (frozen random weights would stay random), and a classical head's feature depth.
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -81,39 +91,59 @@ class DefineByRun:
         self.fixed = cfg.fixed()
         self.grid = cfg.search.algorithm == "grid"
         self.constraint = cfg.search.compound_constraint
-        # Backbone first: everything conditional hangs off it.
-        self.order = sorted(self.searched, key=lambda k: (k != "backbone", k == "freeze_depth"))
+        self.order = sorted(self.searched, key=_order)
+        # freeze_depth varies between trials (and has a column) when either is searched.
+        self.depth_varies = bool({"freeze_depth", "head"} & set(self.searched))
 
-    def _freeze_depth(self, trial: optuna.Trial, dist: Distribution, backbone: str,
+    def _capped_int(self, trial: optuna.Trial, key: str, dist: Distribution, n: int) -> int:
+        high = min(int(dist.high), n)
+        return _suggest(trial, key, dist, grid=self.grid, low=min(dist.low, high), high=high)
+
+    def _freeze_depth(self, trial: optuna.Trial, dist: Distribution, n: int,
                       values: dict[str, Any], constants: dict[str, Any]) -> None:
-        n = stage_count(backbone)
         if dist.type == "fraction":
             frac = _suggest(trial, FREEZE_FRACTION, dist, grid=self.grid)
             constants["freeze_depth"] = min(n, round(frac * n))
         elif dist.type == "int":
-            high = min(int(dist.high), n)
-            values["freeze_depth"] = _suggest(trial, "freeze_depth", dist, grid=self.grid,
-                                              low=min(dist.low, high), high=high)
+            values["freeze_depth"] = self._capped_int(trial, "freeze_depth", dist, n)
         else:
             values["freeze_depth"] = _suggest(trial, "freeze_depth", dist, grid=self.grid)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         constants: dict[str, Any] = {}
         values: dict[str, Any] = {}
-        backbone = self.fixed.get("backbone", "resnet18")
+
+        def current(key: str) -> Any:
+            if key in values:
+                return values[key]
+            return constants.get(key, self.fixed.get(key, TrialParams.model_fields[key].default))
+
+        def applies(key: str) -> bool:
+            return param_applies(key, {**self.fixed, **constants, **values})
+
         for key in self.order:
             dist = self.searched[key]
-            if key == "backbone":
-                backbone = values[key] = _suggest(trial, key, dist, grid=self.grid)
-            elif not _applies(key, backbone) or (key == "gamma" and self.constraint):
+            if not applies(key):
                 continue
-            elif key == "freeze_depth":
-                self._freeze_depth(trial, dist, backbone, values, constants)
+            n = stage_count(current("backbone"))
+            if key == "gamma" and self.constraint:
+                continue
+            if key == "freeze_depth":
+                self._freeze_depth(trial, dist, n, values, constants)
+            elif key == "features_from" and dist.type == "int":
+                values[key] = self._capped_int(trial, key, dist, n)
             else:
                 values[key] = _suggest(trial, key, dist, grid=self.grid)
+        if "head" in self.searched and not applies("head"):
+            constants["head"] = "linear"  # random weights: only the network's own head
+        backbone = current("backbone")
+        if self.depth_varies and not applies("freeze_depth"):
+            classical = current("head") in CLASSICAL_HEADS
+            depth = current("features_from") or stage_count(backbone) if classical else 0
+            constants["freeze_depth"] = depth
         if self.constraint and backbone == "efficientnet":
-            alpha = values.get("alpha", self.fixed.get("alpha", 1.2))
-            beta = values.get("beta", self.fixed.get("beta", 1.1))
+            alpha = current("alpha") if "alpha" in values or "alpha" in self.fixed else 1.2
+            beta = current("beta") if "beta" in values or "beta" in self.fixed else 1.1
             base = alpha * beta**2
             tol = self.constraint.tolerance
             gamma = Distribution(type="uniform", low=math.sqrt(max(1e-9, 2 - tol) / base),
@@ -211,4 +241,7 @@ def column_types(cfg: ExperimentConfig) -> dict[str, str]:
             types[key] = "float64"
     if cfg.search.compound_constraint:
         types["gamma"] = "float64"
+    if "head" in types:
+        # Derived per trial (0 for random weights, the feature depth for classical heads).
+        types.setdefault("freeze_depth", "int64")
     return types

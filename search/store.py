@@ -206,7 +206,7 @@ class ResultsStore:
                       *, node: str | None = None) -> None:
         """Records one epoch report of a running trial."""
         kept = {k: result.get(k) for k in (*_EPOCH_FLOATS, M.EPOCH, M.RESUMED_FROM, M.PARAMS,
-                                           M.GMACS, M.DIVERGED)}
+                                           M.GMACS, M.DIVERGED, M.COMPLETE)}
         self._update({"event": "result", "trial_id": trial_id, "config": self._config(config),
                       "result": kept, "node": node})
 
@@ -219,6 +219,7 @@ class ResultsStore:
         trial["gmacs"] = result.get(M.GMACS, trial.get("gmacs"))
         trial["node"] = event.get("node") or trial.get("node")
         trial["diverged"] = bool(result.get(M.DIVERGED, False))
+        trial["complete"] = bool(result.get(M.COMPLETE, False))
         epoch = int(result[M.EPOCH])
         row = {"trial_id": trial_id, M.EPOCH: epoch}
         row.update({k: _cast(result.get(k), "float64") for k in _EPOCH_FLOATS})
@@ -259,7 +260,8 @@ class ResultsStore:
     def _apply_finish(self, trial_id: str, error: str | None, interrupted: bool) -> None:
         trial = self._trial(trial_id)
         runs = [e for (t, e) in self.epochs if t == trial_id]
-        ran_all = (max(runs) if runs else 0) >= self.max_epochs
+        # A classical head's one result is complete: it has no other epoch to run.
+        ran_all = trial.get("complete") or (max(runs) if runs else 0) >= self.max_epochs
         if error is not None:
             status = Status.ERROR
         elif trial.get("diverged"):

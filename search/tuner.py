@@ -56,6 +56,30 @@ def _primary(cfg: ExperimentConfig) -> tuple[str, str]:
     return first.metric, first.mode
 
 
+class _HyperBand(HyperBandScheduler):
+    """HyperBand that ends a bracket when the trial it waited for leaves it early.
+
+    Ray's ``on_trial_remove`` processes a bracket only while it is unfinished. When the
+    other trials of a bracket are paused at ``max_t`` and the one it waited for ends early
+    (a classical head, complete at epoch 1; an error; a divergence), the bracket becomes
+    finished by that removal and nothing stops the paused trials: the search never ends.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._ending = False
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        bracket, _ = self._trial_info[trial]
+        super().on_trial_remove(tune_controller, trial)
+        if bracket.finished() and not self._ending:
+            self._ending = True  # stopping a paused trial removes it too
+            try:
+                bracket.cleanup_full(tune_controller)
+            finally:
+                self._ending = False
+
+
 def build_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
     """The trial scheduler; its time unit is the epoch."""
     # metric and mode come from TuneConfig (the first objective).
@@ -66,8 +90,7 @@ def build_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
                              grace_period=s.grace_period, reduction_factor=s.reduction_factor,
                              brackets=s.brackets)
     if s.type == "hyperband":
-        return HyperBandScheduler(time_attr=M.EPOCH, max_t=max_t,
-                                  reduction_factor=s.reduction_factor)
+        return _HyperBand(time_attr=M.EPOCH, max_t=max_t, reduction_factor=s.reduction_factor)
     if s.type == "median":
         return MedianStoppingRule(time_attr=M.EPOCH,
                                   grace_period=s.grace_period,

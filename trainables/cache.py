@@ -13,6 +13,9 @@ The cache does not apply, and the trial says so once per process, when augmentat
 (the frozen stages' inputs change every epoch), with gradual unfreezing (the frozen stages
 train later) or when the activations would exceed ``max_mb``.
 
+Classical heads (trainables/heads.py) and the LP-FT probe read *pooled* activations
+(``pool=True``): one global-average-pooled vector per image, a separate, much smaller file.
+
 Files are written to a temporary name and renamed under an exclusive lock, so concurrent
 trials on a node build a file once and never read a partial one; they are read
 memory-mapped, so trials on a node share one copy in the page cache. Activations are kept in
@@ -49,6 +52,7 @@ __all__ = [
     "FeatureSet",
     "FrozenFeatures",
     "bypass_reason",
+    "compute_features",
     "fingerprint",
     "frozen_features",
     "say_once",
@@ -139,6 +143,7 @@ def fingerprint(
     device: torch.device,
     amp: bool,
     channels_last: bool,
+    pool: bool = False,
 ) -> str:
     """Hex digest of everything the frozen stages' outputs depend on.
 
@@ -146,7 +151,7 @@ def fingerprint(
     (hashed, so packaged, ImageNet, file and seeded random weights are all covered), the
     depth, the resolution, the input normalisation, the data (its spec and seed in
     ``data_key``, sizes, every label and a sample of the images), the numerics (device type,
-    bf16 autocast, memory format) and the torch version.
+    bf16 autocast, memory format), the torch version and whether the outputs are pooled.
     """
     h = hashlib.blake2b(digest_size=16)
 
@@ -169,6 +174,8 @@ def fingerprint(
             h.update(_bytes(images[::step]))
     autocast = amp and device.type == "cuda"
     put(device.type, autocast, channels_last and device.type == "cuda", torch.__version__)
+    if pool:  # a separate file; unpooled keys stay what they were
+        put("pooled")
     return h.hexdigest()
 
 
@@ -186,6 +193,7 @@ def frozen_features(
     channels_last: bool = False,
     batch_size: int = 256,
     max_mb: float = MAX_CACHE_MB,
+    pool: bool = False,
 ) -> FrozenFeatures | None:
     """The outputs of ``stages[:depth]`` for every training and validation image.
 
@@ -206,6 +214,7 @@ def frozen_features(
         channels_last: channels_last inputs on CUDA, as in the trial.
         batch_size: Images per forward pass while computing.
         max_mb: Size above which nothing is cached (None is returned).
+        pool: Keep the global average over each activation map (``[N, C]``) instead.
 
     Returns:
         The cached sets, or None (logged once) when they would exceed ``max_mb`` or a
@@ -214,7 +223,7 @@ def frozen_features(
     if depth < 1:
         raise ValueError(f"depth={depth!r}: the cache needs at least one frozen stage")
     opts = _Compute(model=model, depth=depth, resolution=resolution, device=device,
-                    amp=amp, channels_last=channels_last)
+                    amp=amp, channels_last=channels_last, pool=pool)
     per_image = opts.run(next(val.batches(batch_size=1, shuffle=False, device=device))[0])[0]
     size_mb = per_image.numel() * per_image.element_size() * (len(train) + len(val)) / 2**20
     if size_mb > max_mb:
@@ -224,7 +233,8 @@ def frozen_features(
         return None
 
     key = fingerprint(model, depth=depth, resolution=resolution, data_key=data_key,
-                      train=train, val=val, device=device, amp=amp, channels_last=channels_last)
+                      train=train, val=val, device=device, amp=amp, channels_last=channels_last,
+                      pool=pool)
     directory = Path(cache_dir).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key}.pt"
@@ -250,6 +260,28 @@ def frozen_features(
         train_set, val_set = train_set.to(device), val_set.to(device)
     return FrozenFeatures(train=train_set, val=val_set, start=depth, path=path,
                           build_seconds=build_seconds)
+
+
+def compute_features(
+    model: StagedNet,
+    images: ImageSet,
+    *,
+    depth: int,
+    resolution: int,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+    batch_size: int = 256,
+    pool: bool = False,
+) -> FeatureSet:
+    """The outputs of ``stages[:depth]`` for ``images``, computed now and not stored.
+
+    What :func:`frozen_features` caches, for a trial without a cache directory. The labels
+    are those of the images that decoded (a streamed set skips unreadable files).
+    """
+    opts = _Compute(model=model, depth=depth, resolution=resolution, device=device,
+                    amp=amp, channels_last=channels_last, pool=pool)
+    return opts.all(images, batch_size, strict=False)
 
 
 def say_once(message: str) -> None:
@@ -281,6 +313,7 @@ class _Compute:
     device: torch.device
     amp: bool
     channels_last: bool
+    pool: bool = False
 
     def run(self, images: Tensor) -> Tensor:
         x = preprocess(images, resolution=self.resolution, mean=self.model.mean,
@@ -291,15 +324,17 @@ class _Compute:
                     if self.amp and self.device.type == "cuda" else contextlib.nullcontext())
         with torch.no_grad(), autocast, _eval_mode(self.model.stages[: self.depth]):
             out = self.model.forward_stages(x, 0, self.depth)
+            if self.pool and out.ndim == 4:
+                out = out.float().mean(dim=(2, 3))
         return out.float().contiguous().cpu()
 
-    def all(self, images: ImageSet, batch_size: int) -> FeatureSet:
+    def all(self, images: ImageSet, batch_size: int, *, strict: bool = True) -> FeatureSet:
         features, labels = [], []
         for x, y in images.batches(batch_size=batch_size, shuffle=False, device=self.device):
             features.append(self.run(x))
             labels.append(y.cpu())
         labels_t = torch.cat(labels)
-        if len(labels_t) != len(images):  # a streamed set skipped unreadable files
+        if strict and len(labels_t) != len(images):  # a streamed set skipped unreadable files
             raise _Skipped(f"{len(images)} images listed but {len(labels_t)} decoded; the "
                            f"batches would not line up with the image set's")
         return FeatureSet(features=torch.cat(features), labels=labels_t)

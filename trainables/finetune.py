@@ -31,6 +31,7 @@ from torch import nn
 
 from trainables import metrics as M
 from trainables.cache import FeatureSet, FrozenFeatures, bypass_reason, frozen_features, say_once
+from trainables.classical import fit_probe, run_classical_trial
 from trainables.data import DataSplits, ImageSet, load_data, preprocess
 from trainables.models import StagedNet, build_backbone
 from trainables.models.complexity import count_macs, count_params
@@ -43,7 +44,7 @@ from trainables.optim import (
     set_train_mode,
     unfreeze_param_groups,
 )
-from trainables.params import TrialParams
+from trainables.params import CLASSICAL_HEADS, TrialParams
 from trainables.runtime import (
     TrialError,
     TrialSetupError,
@@ -234,6 +235,11 @@ def run_trial(
     model.to(device)
     if device.type == "cuda" and p.channels_last:
         model.to(memory_format=torch.channels_last)
+    if p.head in CLASSICAL_HEADS:  # fitted in one go on pooled frozen features
+        return run_classical_trial(p, model, data, device=device, report=report, state=state)
+    if p.head_init == "probe" and state is None:
+        seconds = fit_probe(p, model, data, device=device)
+        log.info("linear head initialised by a logistic-regression probe in %.1f s", seconds)
     train_set, val_set = data.train, data.val
     if device.type == "cuda" and hasattr(train_set, "to"):
         # Small in-memory datasets live on the GPU: no host-to-device copy per batch.
@@ -370,6 +376,10 @@ def tune_trainable(config: dict[str, Any]) -> None:
 
     def report(result: dict[str, Any], checkpoint_state: dict[str, Any]) -> None:
         result = {**result, "node_id": node_id}
+        if result.get(M.COMPLETE):
+            # Tune then ends the trial without asking the scheduler about this result:
+            # ASHA/HyperBand record it as complete instead of stopping or awaiting it.
+            result[tune.result.DONE] = True
         with tempfile.TemporaryDirectory() as directory:
             torch.save(checkpoint_state, Path(directory) / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -7,6 +7,7 @@ a key that no longer exists (syne-tune's ``report.py`` does the same).
 from __future__ import annotations
 
 __all__ = [
+    "COMPLETE",
     "DIVERGED",
     "EPOCH",
     "EPOCH_METRICS",
@@ -36,6 +37,10 @@ SECONDS = "seconds"  # wall time of the epoch (train + validation)
 PARAMS = "params"
 GMACS = "gmacs"  # multiply-adds per image at the trial's resolution, in billions
 DIVERGED = "diverged"  # True in the last report of a trial whose loss went NaN/inf
+# True in a report after which the trial has nothing left to train although it ran fewer
+# epochs than the search's (a classical head is fitted in one go, reported as epoch 1): it
+# ended TERMINATED, and schedulers treat it as complete rather than stopping or awaiting it.
+COMPLETE = "complete"
 PEAK_RSS_MB = "peak_rss_mb"
 PEAK_GPU_MB = "peak_gpu_mb"
 # Epoch of the checkpoint the trial run restored (0: started fresh): evidence that a

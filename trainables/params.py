@@ -34,18 +34,25 @@ from trainables.models.registry import (
     backbone_names,
     backbone_spec,
     default_resolution,
+    is_efficientnet,
     stage_count,
 )
 from trainables.models.scaling import resolve_efficientnet_coefficients
 
 __all__ = [
+    "CLASSICAL_HEADS",
     "EFFICIENTNET_KEYS",
+    "HEADS",
+    "HEAD_PARAMS",
     "OPTIMIZERS",
+    "SVM_KERNELS",
+    "TRAINING_PARAMS",
     "TRIAL_PARAMS",
     "TrialParams",
     "field_problems",
     "is_integer_field",
     "is_numeric_field",
+    "param_applies",
     "resolve_weights",
     "trial_defaults",
 ]
@@ -53,6 +60,22 @@ __all__ = [
 # Coefficients of the free `efficientnet` backbone; sampled only for it.
 EFFICIENTNET_KEYS = ("width_mult", "depth_mult", "phi", "alpha", "beta", "gamma")
 OPTIMIZERS = ("sgd", "adamw")
+# The classifier on top of the backbone. `linear` is the network's own head, trained by SGD
+# with the unfrozen stages; the others are fitted in one go (scikit-learn, xgboost) on the
+# pooled features of a frozen, pretrained backbone (trainables/heads.py).
+HEADS = ("linear", "logreg", "svm", "xgboost")
+CLASSICAL_HEADS = HEADS[1:]
+SVM_KERNELS = ("linear", "rbf")
+# Parameters of one classical head: sampled, and recorded, only for trials of that head.
+HEAD_PARAMS: dict[str, tuple[str, ...]] = {
+    "logreg": ("logreg_c",),
+    "svm": ("svm_kernel", "svm_c", "svm_gamma"),
+    "xgboost": ("xgb_n_estimators", "xgb_max_depth", "xgb_learning_rate", "xgb_subsample"),
+}
+# Parameters of training by SGD: a classical head has no epochs, rates or batches.
+TRAINING_PARAMS = ("lr", "lr_scale", "layer_decay", "unfreeze_at_epoch", "head_init",
+                   "optimizer", "momentum", "weight_decay", "batch_size", "epochs",
+                   "warmup_epochs", "label_smoothing", "augment", "max_steps_per_epoch")
 # The network's total stride: a smaller input leaves no pixel for the last stage.
 _MIN_RESOLUTION = 32
 
@@ -115,6 +138,21 @@ class TrialParams(BaseModel):
     alpha: _Coefficient | None = None
     beta: _Coefficient | None = None
     gamma: _Coefficient | None = None
+    # --- head (HEADS; a classical head's own parameters are in HEAD_PARAMS)
+    head: Literal[HEADS] = "linear"
+    # LP-FT (Kumar et al. 2022): `probe` fits the linear head by logistic regression on the
+    # frozen features before fine-tuning starts, instead of starting it from random.
+    head_init: Literal["random", "probe"] = "random"
+    # Classical heads: pooled output of stage `features_from` (1..stages) instead of the last.
+    features_from: Annotated[int, Field(ge=1)] | None = None
+    logreg_c: _Positive = 1.0  # inverse L2 strength, as scikit-learn's C (also the probe's)
+    svm_kernel: Literal[SVM_KERNELS] = "rbf"
+    svm_c: _Positive = 1.0
+    svm_gamma: _Positive | None = None  # rbf width; None: scikit-learn's "scale"
+    xgb_n_estimators: _Count = 200
+    xgb_max_depth: Annotated[int, Field(ge=1, le=20)] = 6
+    xgb_learning_rate: Annotated[float, Field(gt=0, le=1)] = 0.3
+    xgb_subsample: Annotated[float, Field(gt=0, le=1)] = 1.0
     # --- fine-tuning
     freeze_depth: Annotated[int, Field(ge=0)] = 0
     # If set, freeze_depth = round(fraction * stage count) (a searched `fraction`).
@@ -164,16 +202,50 @@ class TrialParams(BaseModel):
             having = [b for b in backbone_names() if weights in backbone_spec(b).weights]
             raise ValueError(f"weights: {weights!r} weights do not exist for {self.backbone!r}; "
                              f"backbones with {weights!r} weights: {having}")
+        self._check_head(n)
+        if weights == "none" and self.head == "linear" and self.frozen_depth() > 0:
+            raise ValueError(f"freeze_depth: {self.frozen_depth()} stages of {self.backbone!r} "
+                             f"would stay frozen at their random initial values (weights: "
+                             f"'none'); the valid value is 0, or give pretrained weights")
+        if weights == "none" and self.head in CLASSICAL_HEADS:
+            raise ValueError(f"head: {self.head!r} is fitted on the features of a frozen "
+                             f"pretrained backbone, but {self.backbone!r} has weights 'none' "
+                             f"(random); use head 'linear' or pretrained weights")
         return self
+
+    def _check_head(self, n: int) -> None:
+        classical = self.head in CLASSICAL_HEADS
+        if self.features_from is not None:
+            if not classical:
+                raise ValueError(f"features_from applies to the classical heads "
+                                 f"{list(CLASSICAL_HEADS)}, not to head {self.head!r}")
+            if self.features_from > n:
+                raise ValueError(f"features_from={self.features_from} is out of range for "
+                                 f"backbone {self.backbone!r}: valid values are 1..{n}")
+        if classical and self.head_init != "random":
+            raise ValueError(f"head_init: {self.head_init!r} initialises the linear head; "
+                             f"head {self.head!r} is fitted on its own")
+        depth = self.features_from or n
+        if classical and (self.freeze_depth not in (0, depth) or self.freeze_fraction):
+            raise ValueError(f"freeze_depth: head {self.head!r} uses the backbone frozen up to "
+                             f"stage {depth} (features_from, default: every stage); leave "
+                             f"freeze_depth out or set it to {depth}")
+
+    def frozen_depth(self) -> int:
+        """Leading stages kept frozen: a classical head's feature depth, a fraction's
+        rounding, or ``freeze_depth``."""
+        n = stage_count(self.backbone)
+        if self.head in CLASSICAL_HEADS:
+            return self.features_from or n
+        if self.freeze_fraction is not None:
+            return min(n, round(self.freeze_fraction * n))
+        return self.freeze_depth
 
     def resolved(self) -> TrialParams:
         """A copy with ``weights`` picked for the backbone and ``freeze_depth`` derived."""
-        depth = self.freeze_depth
-        if self.freeze_fraction is not None:
-            n = stage_count(self.backbone)
-            depth = min(n, round(self.freeze_fraction * n))
         return self.model_copy(update={"weights": resolve_weights(self.weights, self.backbone),
-                                       "freeze_depth": depth, "freeze_fraction": None})
+                                       "freeze_depth": self.frozen_depth(),
+                                       "freeze_fraction": None})
 
     def efficientnet_kwargs(self) -> dict[str, Any]:
         """What the free ``efficientnet`` builder takes: coefficients, and a free resolution."""
@@ -189,6 +261,37 @@ class TrialParams(BaseModel):
         if self.phi is None and self.resolution is not None:
             return self.resolution
         return default_resolution(self.backbone, **self.efficientnet_kwargs())
+
+
+def param_applies(name: str, config: Mapping[str, Any]) -> bool:
+    """Whether trial parameter ``name`` means anything for a trial of ``config``.
+
+    ``config`` may be partial (what is sampled so far, the fixed settings): a missing key
+    takes its default. A search samples a parameter only where it applies (a conditional
+    space), so its column is empty, not noise, for the other trials: the EfficientNet
+    coefficients need ``efficientnet``; freezing, and a classical head, need pretrained
+    weights (frozen random weights stay random); a classical head's parameters need that
+    head; the SGD settings need the linear head.
+    """
+    def chosen(key: str) -> Any:
+        return config.get(key, TrialParams.model_fields[key].default)
+
+    backbone, head = chosen("backbone"), chosen("head")
+    if name in EFFICIENTNET_KEYS:
+        return backbone == "efficientnet"
+    if name == "resolution":
+        return is_efficientnet(backbone)
+    if name in ("head", "freeze_depth", "freeze_fraction"):
+        pretrained = resolve_weights(chosen("weights"), backbone) != "none"
+        return pretrained and (name == "head" or head == "linear")
+    if name == "features_from":
+        return head in CLASSICAL_HEADS
+    for owner, names in HEAD_PARAMS.items():
+        if name in names:
+            return head == owner and (name != "svm_gamma" or chosen("svm_kernel") == "rbf")
+    if name in TRAINING_PARAMS:
+        return head == "linear"
+    return True
 
 
 def trial_defaults() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from search.cli import main
 from search.config import dump_config, load_config, parse_config
 from search.contract import pareto_mask
 from search.importance import param_importance
-from search.space import column_types
+from search.space import column_types, sample_configs
 from search.store import ResultsStore
 from tests.conftest import ROOT, ftsearch_env, run_ftsearch
 
@@ -25,13 +25,14 @@ SEARCHED = {"backbone", "freeze_depth", "lr", "lr_scale"}
 
 
 def write_experiment(root: Path, name: str, trials: list[tuple[dict, list[float]]], *,
-                     space: dict, epochs: int = 3, gmacs: float = 0.1) -> Path:
+                     space: dict, epochs: int = 3, gmacs: float = 0.1,
+                     train: dict | None = None) -> Path:
     """A real results directory (config.yaml + both Parquet files) without training.
 
     ``trials`` holds (sampled config, top-1 per epoch run) pairs.
     """
     cfg = parse_config({"name": name, "storage": str(root), "data": {"source": "digits"},
-                        "train": {"epochs": epochs}, "space": space,
+                        "train": {"epochs": epochs, **(train or {})}, "space": space,
                         "search": {"num_samples": len(trials)}})
     directory = root / name
     store = ResultsStore(str(directory), param_types=column_types(cfg), max_epochs=epochs)
@@ -157,7 +158,9 @@ def test_best_config_pins_sampled_fraction_and_drops_unsampled_conditionals(tmp_
                [70.0, 80.0, 85.0]),
               ({"backbone": "efficientnet", "width_mult": 0.7, "freeze_fraction": 0.1,
                 "freeze_depth": 1, "lr": 0.2}, [60.0])]
-    exp = load_experiment(write_experiment(tmp_path, "frac", trials, space=space))
+    # Frozen stages need pretrained weights: a state-dict path stands for the user's own.
+    exp = load_experiment(write_experiment(tmp_path, "frac", trials, space=space,
+                                           train={"weights": str(tmp_path / "own.pt")}))
     assert exp.params == ["backbone", "width_mult", "freeze_fraction", "lr"]
     best = leaderboard([exp]).iloc[0]
     raw = best_config(exp, best)
@@ -167,6 +170,26 @@ def test_best_config_pins_sampled_fraction_and_drops_unsampled_conditionals(tmp_
     cfg = parse_config(raw)  # a valid config that `ftsearch run` accepts
     assert cfg.name == "frac-best" and cfg.search.num_samples == 1
     assert cfg.scheduler.type == "none" and cfg.storage == str(tmp_path)
+
+
+def test_best_config_of_derived_values_is_a_valid_config(tmp_path):
+    # freeze_depth 0 of a random backbone, the head it must use, and a classical head's
+    # feature depth were derived, not sampled: pinned, they still make a config that runs
+    # the same trial (and keeps the same columns).
+    space = {"backbone": {"type": "choice", "values": ["efficientnet_lite0", "resnet18"]},
+             "head": {"type": "choice", "values": ["linear", "svm"]},
+             "freeze_depth": {"type": "int", "low": 0, "high": 9},
+             "svm_c": {"type": "loguniform", "low": 0.1, "high": 10.0},
+             "lr": {"type": "loguniform", "low": 1e-3, "high": 1.0}}
+    trials = [({"backbone": "resnet18", "head": "linear", "freeze_depth": 0, "lr": 0.05},
+               [70.0, 80.0, 90.0]),
+              ({"backbone": "efficientnet_lite0", "head": "svm", "freeze_depth": 9,
+                "svm_c": 2.0}, [85.0])]
+    train = {"weights": {"efficientnet_lite0": "packaged", "default": "none"}}
+    exp = load_experiment(write_experiment(tmp_path, "heads", trials, space=space, train=train))
+    for (config, _), (_, row) in zip(trials, exp.trials.iterrows(), strict=True):
+        cfg = parse_config(best_config(exp, row))
+        assert sample_configs(cfg, 1) == [config]
 
 
 @pytest.mark.slow

@@ -49,7 +49,6 @@ def test_diverging_and_crashing_trials_do_not_sink_the_search(tmp_path):
            "train": {**{k: v for k, v in TINY["train"].items() if k != "weights"},
                      "resolution": 32},
            "space": {"backbone": {"type": "choice", "values": ["resnet18", "alexnet"]},
-                     "freeze_depth": 1,
                      "lr": {"type": "choice", "values": [0.01, 1.0e12]}},
            "search": {"algorithm": "grid", "max_concurrent": 2},
            "scheduler": {"type": "none"}, "failure": {"max_failures": 0}}

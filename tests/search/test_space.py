@@ -7,9 +7,14 @@ from search.space import column_types, sample_configs
 from trainables.models import flops_ratio, stage_count
 
 
-def _cfg(tmp_path, space: dict, **search) -> object:
+def _cfg(tmp_path, space: dict, *, weights: str | dict | None = None, seed: int = 0,
+         **search) -> object:
+    # Frozen stages need pretrained weights: a state-dict path stands for the user's own
+    # (parsing does not read it; pre-flight would).
+    weights = str(tmp_path / "own-weights.pt") if weights is None else weights
     return parse_config({
-        "name": "s", "storage": str(tmp_path), "train": {"epochs": 2},
+        "name": "s", "storage": str(tmp_path), "seed": seed,
+        "train": {"epochs": 2, "weights": weights},
         "space": space, "search": {"num_samples": 30, **search},
     })
 
@@ -49,8 +54,7 @@ def test_same_seed_same_configs(tmp_path):
     a = sample_configs(_cfg(tmp_path, MIXED), 15)
     b = sample_configs(_cfg(tmp_path, MIXED), 15)
     assert a == b
-    c = sample_configs(parse_config({"name": "s", "storage": str(tmp_path), "seed": 1,
-                                     "space": MIXED}), 15)
+    c = sample_configs(_cfg(tmp_path, MIXED, seed=1), 15)
     assert a != c
 
 
@@ -78,3 +82,66 @@ def test_grid_enumerates_every_branch(tmp_path):
     configs = sample_configs(cfg, n)
     keys = {(c["backbone"], c["freeze_depth"], c["lr"]) for c in configs}
     assert len(keys) == n
+
+
+def test_random_weights_are_never_frozen_and_the_space_shows_it(tmp_path):
+    # resnet18 from scratch beside pretrained Lite0: freeze_depth is sampled for Lite0 only,
+    # and is the constant 0 (not a sampled value) for resnet18.
+    space = {"backbone": {"type": "choice", "values": ["efficientnet_lite0", "resnet18"]},
+             "freeze_depth": {"type": "int", "low": 1, "high": 9},
+             "lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}
+    cfg = _cfg(tmp_path, space, weights={"efficientnet_lite0": "packaged", "default": "none"})
+    configs = sample_configs(cfg, 30)
+    scratch = [c for c in configs if c["backbone"] == "resnet18"]
+    lite = [c for c in configs if c["backbone"] == "efficientnet_lite0"]
+    assert scratch and lite
+    assert all(c["freeze_depth"] == 0 for c in scratch)
+    assert all(1 <= c["freeze_depth"] <= stage_count("efficientnet_lite0") for c in lite)
+    assert column_types(cfg)["freeze_depth"] == "int64"
+
+
+HEADS = {
+    "backbone": "efficientnet_lite0",
+    "head": {"type": "choice", "values": ["linear", "logreg", "svm", "xgboost"]},
+    "freeze_depth": {"type": "int", "low": 0, "high": 9},
+    "lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
+    "svm_kernel": {"type": "choice", "values": ["linear", "rbf"]},
+    "svm_c": {"type": "loguniform", "low": 0.1, "high": 10},
+    "svm_gamma": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+    "xgb_max_depth": {"type": "int", "low": 2, "high": 6},
+    "logreg_c": {"type": "loguniform", "low": 0.1, "high": 10},
+    "features_from": {"type": "int", "low": 5, "high": 9},
+}
+
+
+@pytest.mark.parametrize("algorithm", ["optuna", "random"])
+def test_each_head_samples_its_own_parameters_only(tmp_path, algorithm):
+    cfg = _cfg(tmp_path, HEADS, weights="packaged", algorithm=algorithm)
+    configs = sample_configs(cfg, 40)
+    assert {c["head"] for c in configs} == {"linear", "logreg", "svm", "xgboost"}
+    owned = {"logreg": {"logreg_c"}, "svm": {"svm_kernel", "svm_c"},
+             "xgboost": {"xgb_max_depth"}, "linear": {"lr"}}
+    n = stage_count("efficientnet_lite0")
+    for c in configs:
+        head = c["head"]
+        for key in ("logreg_c", "svm_kernel", "svm_c", "xgb_max_depth", "lr"):
+            assert (key in c) == (key in owned[head]), c
+        assert ("svm_gamma" in c) == (head == "svm" and c["svm_kernel"] == "rbf"), c
+        if head == "linear":
+            assert "features_from" not in c and 0 <= c["freeze_depth"] <= n
+        else:  # a classical head: frozen up to the stage its features come from
+            assert 5 <= c["features_from"] <= n and c["freeze_depth"] == c["features_from"]
+    types = column_types(cfg)
+    assert types["head"] == "string" and types["svm_c"] == "float64"
+    assert types["xgb_max_depth"] == "int64" and types["freeze_depth"] == "int64"
+
+
+def test_a_searched_head_is_linear_for_random_weights(tmp_path):
+    space = {"backbone": {"type": "choice", "values": ["efficientnet_lite0", "resnet18"]},
+             "head": {"type": "choice", "values": ["linear", "svm"]},
+             "lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}
+    cfg = _cfg(tmp_path, space, weights={"efficientnet_lite0": "packaged", "default": "none"})
+    configs = sample_configs(cfg, 30)
+    assert {c["head"] for c in configs if c["backbone"] == "resnet18"} == {"linear"}
+    assert all(c["freeze_depth"] == 0 for c in configs if c["backbone"] == "resnet18")
+    assert "svm" in {c["head"] for c in configs if c["backbone"] == "efficientnet_lite0"}

@@ -193,3 +193,15 @@ def test_resume_forgets_unfinished_trials_tune_never_knew(tmp_path):
 def _written(store: ResultsStore):
     store.write()
     return f"{store.directory}/{TRIALS_FILE}"
+
+
+def test_a_complete_result_ends_terminated_after_one_epoch_even_after_a_restart(tmp_path):
+    # A classical head is fitted in one go: its one epoch is the whole trial.
+    store = _store(tmp_path)
+    store.record_result("svm", CONFIG, _result(1, 90.0, complete=True, val_loss=None))
+    store.record_result("sgd", CONFIG, _result(1, 60.0))
+    reopened = _store(tmp_path)  # a killed driver: the journal replays the result
+    assert reopened.finish("svm") == "TERMINATED"
+    assert reopened.finish("sgd") == "STOPPED_EARLY"
+    trials = pd.read_parquet(_written(reopened)).set_index("trial_id")
+    assert trials.loc["svm", "epochs"] == 1 and pd.isna(trials.loc["svm", "last_val_loss"])

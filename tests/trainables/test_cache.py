@@ -33,11 +33,21 @@ def _run(config: dict) -> tuple[list[dict], dict]:
     return reports, states[-1]
 
 
+def _weights_file(path, backbone: str) -> str:
+    """A state-dict file of ``backbone`` (stands for a user's own pretrained weights)."""
+    torch.manual_seed(1)
+    torch.save(build_backbone(backbone, num_classes=1000, weights="none").state_dict(), path)
+    return str(path)
+
+
 # Half of Lite0 (batch norm and dropout in the trained stages and head), and ResNet-18's whole
-# backbone (feature extraction).
+# backbone (feature extraction) from a state-dict file.
 @pytest.mark.parametrize(("backbone", "weights", "depth"),
-                         [("efficientnet_lite0", "packaged", 4), ("resnet18", "none", 5)])
+                         [("efficientnet_lite0", "packaged", 4), ("resnet18", "file", 5)])
 def test_cached_run_matches_the_uncached_run(tmp_path, backbone, weights, depth):
+    if weights == "file":
+        # Beside tmp_path, which holds the cache files only.
+        weights = _weights_file(tmp_path.parent / f"{tmp_path.name}-own.pt", backbone)
     trial = {**TRIAL, "backbone": backbone, "weights": weights, "freeze_depth": depth}
     plain, plain_state = _run(trial)
     built, built_state = _run({**trial, "cache_dir": str(tmp_path)})
@@ -65,8 +75,7 @@ def test_cached_run_matches_the_uncached_run(tmp_path, backbone, weights, depth)
 
 def test_augmentation_bypasses_the_cache_and_says_so_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cache, "_said", set())
-    config = {**TRIAL, "backbone": "resnet18", "weights": "none", "epochs": 1,
-              "freeze_depth": 5, "augment": True,
+    config = {**TRIAL, "epochs": 1, "freeze_depth": 9, "augment": True,
               "max_steps_per_epoch": 1, "cache_dir": str(tmp_path)}
     with caplog.at_level(logging.WARNING, logger="trainables.cache"):
         _run(config)

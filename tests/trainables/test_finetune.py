@@ -9,7 +9,8 @@ from trainables.runtime import TrialSetupError
 
 DIGITS = {"source": "digits", "samples_per_class": 20, "val_fraction": 0.3}
 SMALL = {
-    "backbone": "resnet18",
+    "backbone": "efficientnet_lite0",
+    "weights": "packaged",
     "resolution": 32,
     "epochs": 2,
     "batch_size": 32,

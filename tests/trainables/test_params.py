@@ -196,3 +196,40 @@ def test_a_schema_error_answers_quickly_in_a_fresh_process(tmp_path):
     assert proc.stderr.startswith("ftsearch: train.eval_batch_size: ")
     assert proc.stderr.count("\n") == 1
     assert wall < _SCHEMA_ERROR_LIMIT_S, f"{wall:.2f} s"
+
+
+def test_heads_and_kernels_are_the_fields_choices():
+    from typing import get_args
+
+    from trainables.params import HEADS, SVM_KERNELS
+
+    assert get_args(TrialParams.model_fields["head"].annotation) == HEADS
+    assert get_args(TrialParams.model_fields["svm_kernel"].annotation) == SVM_KERNELS
+
+
+@pytest.mark.parametrize(("config", "field", "words"), [
+    ({"backbone": "resnet18", "freeze_depth": 2}, "freeze_depth", "random initial values"),
+    ({"backbone": "resnet18", "freeze_fraction": 0.5}, "freeze_depth", "random initial values"),
+    ({"backbone": "resnet18", "head": "svm"}, "head", "weights 'none'"),
+    ({"backbone": "efficientnet_lite0", "weights": "packaged", "features_from": 3},
+     "features_from", "classical heads"),
+    ({"backbone": "efficientnet_lite0", "weights": "packaged", "head": "logreg",
+      "features_from": 10}, "features_from", "1..9"),
+    ({"backbone": "efficientnet_lite0", "weights": "packaged", "head": "svm",
+      "head_init": "probe"}, "head_init", "linear head"),
+    ({"backbone": "efficientnet_lite0", "weights": "packaged", "head": "svm",
+      "freeze_depth": 4}, "freeze_depth", "leave freeze_depth out"),
+])
+def test_a_trial_refuses_freezing_random_weights_and_mismatched_head_settings(config, field,
+                                                                               words):
+    with pytest.raises(ValueError) as err:
+        TrialParams.model_validate(config)
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_a_classical_head_freezes_up_to_its_feature_stage():
+    lite = {"backbone": "efficientnet_lite0", "weights": "packaged"}
+    assert TrialParams(**lite, head="xgboost").resolved().freeze_depth == 9
+    assert TrialParams(**lite, head="logreg", features_from=6).resolved().freeze_depth == 6
+    # random weights train from scratch with the linear head
+    assert TrialParams(backbone="resnet18").resolved().freeze_depth == 0
