@@ -62,6 +62,18 @@ def refused(capsys, config: Path) -> str:
     return lines[0].removeprefix("ftsearch: ")
 
 
+def write_val_images(folder: Path, data: dict, seed: int) -> Path:
+    """The validation images of ``data`` as PNG files named <index>_<label>.png."""
+    from PIL import Image
+
+    from trainables.data import load_data
+
+    splits = load_data(data, seed=seed)
+    for i, (image, label) in enumerate(zip(splits.val.images, splits.val.labels, strict=True)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}_{int(label)}.png")
+    return folder
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -14,13 +14,11 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from search import contract as C
 from search.cli import main
 from search.export import FORMAT, REQUIRED_KEYS
-from tests.conftest import ROOT, TINY, ftsearch_env, run_ftsearch
-from trainables.data import load_data
+from tests.conftest import ROOT, TINY, ftsearch_env, run_ftsearch, write_val_images
 
 
 def _ftsearch_without_ray(*args: str) -> subprocess.CompletedProcess:
@@ -42,11 +40,7 @@ def model_file(tiny_experiment, tmp_path_factory):
 @pytest.fixture(scope="module")
 def val_images(tmp_path_factory):
     """The tiny search's validation images as PNG files named <index>_<label>.png."""
-    folder = tmp_path_factory.mktemp("digits_val")
-    data = load_data(TINY["data"], seed=TINY["seed"])
-    for i, (image, label) in enumerate(zip(data.val.images, data.val.labels, strict=True)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}_{int(label)}.png")
-    return folder
+    return write_val_images(tmp_path_factory.mktemp("digits_val"), TINY["data"], TINY["seed"])
 
 
 def test_model_file_holds_weights_and_everything_to_use_them(model_file, tiny_experiment):

@@ -6,11 +6,9 @@ import duckdb
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from search.cli import main
-from tests.conftest import run_ftsearch, write_config
-from trainables.data import load_data
+from tests.conftest import run_ftsearch, write_config, write_val_images
 from trainables.models import stage_count
 
 LITE_STAGES = stage_count("efficientnet_lite0")
@@ -55,11 +53,8 @@ def experiment(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val_images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("heads_val")
-    data = load_data(CONFIG["data"], seed=CONFIG["seed"])
-    for i, (image, label) in enumerate(zip(data.val.images, data.val.labels, strict=True)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}_{int(label)}.png")
-    return folder
+    return write_val_images(tmp_path_factory.mktemp("heads_val"), CONFIG["data"],
+                            CONFIG["seed"])
 
 
 @pytest.mark.slow
