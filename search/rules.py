@@ -83,26 +83,30 @@ def _single_field_problems(cfg: ExperimentConfig) -> list[str]:
     return problems
 
 
-def _freeze_depth_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
-    depth = cfg.space.get("freeze_depth", cfg.train.get("freeze_depth", 0))
+def _stage_range_problems(cfg: ExperimentConfig, key: str, backbones: list[str], *,
+                          first: int) -> list[str]:
+    """A stage count (``freeze_depth`` from 0, ``features_from`` from 1) within the stages
+    of the backbones it applies to; a searched range is capped per backbone."""
+    entry = cfg.space.get(key, cfg.train.get(key))
     max_stages = max(stage_count(b) for b in backbones)
     min_stages = min(stage_count(b) for b in backbones)
-    if not isinstance(depth, Distribution):
-        if depth > min_stages:
-            where = "space" if "freeze_depth" in cfg.space else "train"
-            return [f"{where}.freeze_depth: {depth!r} is outside 0..{min_stages}, the stage "
-                    f"range of {backbones}"]
+    if entry is None:
+        return []
+    if not isinstance(entry, Distribution):
+        if entry > min_stages:
+            return [f"{_where(cfg, key)}: {entry!r} is outside {first}..{min_stages}, the "
+                    f"stage range of {backbones}"]
         return []
     problems = []
-    if depth.type == "int" and depth.low > min_stages:
-        problems.append(f"space.freeze_depth.low: {int(depth.low)} is above the stage count "
-                        f"of {backbones} (valid: 0..{min_stages})")
-    if depth.type == "int" and depth.high > max_stages:
-        problems.append(f"space.freeze_depth.high: {int(depth.high)} is above every backbone's "
-                        f"stage count (valid: 0..{max_stages}); freeze_depth is capped per "
+    if entry.type == "int" and entry.low > min_stages:
+        problems.append(f"space.{key}.low: {int(entry.low)} is above the stage count "
+                        f"of {backbones} (valid: {first}..{min_stages})")
+    if entry.type == "int" and entry.high > max_stages:
+        problems.append(f"space.{key}.high: {int(entry.high)} is above every backbone's "
+                        f"stage count (valid: {first}..{max_stages}); {key} is capped per "
                         f"backbone at its own stage count")
-    if depth.type == "choice" and any(v > min_stages for v in depth.values or []):
-        problems.append(f"space.freeze_depth.values: must be within 0..{min_stages} for "
+    if entry.type == "choice" and any(v > min_stages for v in entry.values or []):
+        problems.append(f"space.{key}.values: must be within {first}..{min_stages} for "
                         f"{backbones}")
     return problems
 
@@ -167,31 +171,12 @@ def _head_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
     if classical and "probe" in (_choices(cfg, "head_init") or []) and "head" not in searched:
         problems.append(f"{_where(cfg, 'head_init')}: 'probe' initialises the linear head; "
                         f"head {classical[0]!r} is fitted on its own")
-    problems += _features_from_problems(cfg, backbones)
+    problems += _stage_range_problems(cfg, "features_from", backbones, first=1)
     if classical and cfg.scheduler.type == "pbt":
         problems.append(f"scheduler.type: pbt mutates the training of running trials; the "
                         f"classical heads {classical} are fitted in one go. Use asha, "
                         f"hyperband, median or none")
     return problems
-
-
-def _features_from_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
-    entry = cfg.space.get("features_from", cfg.train.get("features_from"))
-    min_stages = min(stage_count(b) for b in backbones)
-    max_stages = max(stage_count(b) for b in backbones)
-    if entry is None:
-        return []
-    if not isinstance(entry, Distribution):
-        if entry > min_stages:
-            return [f"{_where(cfg, 'features_from')}: {entry!r} is outside 1..{min_stages}, "
-                    f"the stage range of {backbones}"]
-        return []
-    if entry.type == "int" and entry.high > max_stages:
-        return [f"space.features_from.high: {int(entry.high)} is above every backbone's stage "
-                f"count (valid: 1..{max_stages}); it is capped per backbone"]
-    if entry.type == "choice" and any(v > min_stages for v in entry.values or []):
-        return [f"space.features_from.values: must be within 1..{min_stages} for {backbones}"]
-    return []
 
 
 def _weights_problems(cfg: ExperimentConfig) -> list[str]:
@@ -288,7 +273,8 @@ def config_problems(cfg: ExperimentConfig) -> list[str]:
     if problems:
         return problems  # the cross-field rules below assume each value is sane
     backbones = cfg.backbone_choices()
-    problems = _freeze_depth_problems(cfg, backbones) + _weights_problems(cfg)
+    problems = _stage_range_problems(cfg, "freeze_depth", backbones,
+                                     first=0) + _weights_problems(cfg)
     if not problems:  # a depth out of range is the one thing to say about it
         problems = _head_problems(cfg, backbones)
     return (problems + _efficientnet_problems(cfg, backbones) + _points_problems(cfg)

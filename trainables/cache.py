@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from trainables.data.imagesets import ImageSet, indexed_batches
 from trainables.data.transforms import preprocess
-from trainables.models.stagednet import StagedNet
+from trainables.models.stagednet import StagedNet, eval_mode
 
 try:  # POSIX; elsewhere write-then-rename alone keeps readers safe (a file may be built twice)
     import fcntl
@@ -322,7 +322,7 @@ class _Compute:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if self.amp and self.device.type == "cuda" else contextlib.nullcontext())
-        with torch.no_grad(), autocast, _eval_mode(self.model.stages[: self.depth]):
+        with torch.no_grad(), autocast, eval_mode(self.model.stages[: self.depth]):
             out = self.model.forward_stages(x, 0, self.depth)
             if self.pool and out.ndim == 4:
                 out = out.float().mean(dim=(2, 3))
@@ -338,17 +338,6 @@ class _Compute:
             raise _Skipped(f"{len(images)} images listed but {len(labels_t)} decoded; the "
                            f"batches would not line up with the image set's")
         return FeatureSet(features=torch.cat(features), labels=labels_t)
-
-
-@contextlib.contextmanager
-def _eval_mode(modules: nn.Module) -> Iterator[None]:
-    was = [m.training for m in modules.modules()]
-    modules.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules.modules(), was, strict=True):
-            m.training = mode
 
 
 @contextlib.contextmanager

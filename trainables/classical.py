@@ -14,10 +14,9 @@ classifier by logistic regression on the same features before fine-tuning starts
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,9 +28,11 @@ from trainables.data import DataSplits, ImageSet, preprocess
 from trainables.heads import FittedHead, fit_head, linear_probe
 from trainables.models import StagedNet
 from trainables.models.complexity import count_macs, count_params
+from trainables.models.stagednet import eval_mode, kept_training_modes
 from trainables.optim import set_train_mode
 from trainables.params import TrialParams
 from trainables.runtime import autocast, peak_gpu_mb, peak_rss_mb
+from trainables.scoring import topk_correct
 
 __all__ = [
     "HEAD_STATE_KEY",
@@ -90,22 +91,19 @@ def _fit(p: TrialParams, features: FeatureSet, *, num_classes: int,
                     use_cuda=device.type == "cuda")
 
 
-def _scores(head: FittedHead, features: FeatureSet) -> dict[str, float | None]:
-    """top-1 / top-5 (percent) and, for probabilities, the mean negative log-likelihood."""
-    scores = head.scores(features.features)
-    labels = features.labels.to(scores.device)
-    k = min(5, scores.shape[1])
-    topk = scores.topk(k, dim=1).indices
-    out: dict[str, float | None] = {
-        M.TOP1: 100.0 * float((topk[:, 0] == labels).float().mean()),
-        M.TOP5: 100.0 * float((topk == labels[:, None]).any(dim=1).float().mean()),
-        "loss": None,
-    }
-    if head.probabilistic:
-        # Clipped as scikit-learn's log_loss clips: a zero probability is not infinitely bad.
-        picked = scores.gather(1, labels[:, None]).clamp_min(1e-15)
-        out["loss"] = float(-picked.log().mean())
-    return out
+def _accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
+    """top-1 and top-5 (percent), counted as the SGD trial counts them."""
+    labels = labels.to(scores.device)
+    n = max(len(labels), 1)
+    return {M.TOP1: 100.0 * topk_correct(scores, labels, 1) / n,
+            M.TOP5: 100.0 * topk_correct(scores, labels, 5) / n}
+
+
+def _nll(probabilities: Tensor, labels: Tensor) -> float:
+    """Mean negative log-likelihood of ``labels``."""
+    # Clipped as scikit-learn's log_loss clips: a zero probability is not infinitely bad.
+    picked = probabilities.gather(1, labels.to(probabilities.device)[:, None]).clamp_min(1e-15)
+    return float(-picked.log().mean())
 
 
 def run_classical_trial(
@@ -141,13 +139,16 @@ def run_classical_trial(
     t0 = time.perf_counter()
     head = _fit(p, train, num_classes=data.num_classes, device=device)
     fit_seconds = time.perf_counter() - t0
-    on_val, on_train = _scores(head, val), _scores(head, train)
+    val_scores = head.scores(val.features)
+    # Losses need probabilities: the SVM's decision values have none (nor its training set
+    # scored, which would be all this is for).
+    train_loss = _nll(head.scores(train.features), train.labels) if head.probabilistic else None
+    val_loss = _nll(val_scores, val.labels) if head.probabilistic else None
     macs = backbone_macs + head.macs_per_image
     result = {
         M.EPOCH: 1, M.COMPLETE: True, M.DIVERGED: False, M.LR: None,
         M.PARAMS: count_params(backbone) + head.num_params, M.GMACS: macs / 1e9,
-        M.TRAIN_LOSS: on_train["loss"], M.VAL_LOSS: on_val["loss"],
-        M.TOP1: on_val[M.TOP1], M.TOP5: on_val[M.TOP5],
+        M.TRAIN_LOSS: train_loss, M.VAL_LOSS: val_loss, **_accuracy(val_scores, val.labels),
         M.SAMPLES_PER_S: len(train) / fit_seconds if fit_seconds > 0 else 0.0,
         M.SECONDS: time.perf_counter() - t0,
         M.PEAK_RSS_MB: peak_rss_mb(), M.PEAK_GPU_MB: peak_gpu_mb(device), M.RESUMED_FROM: 0,
@@ -173,17 +174,6 @@ def _pooling_only(model: StagedNet) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def _classifier_inputs(p: TrialParams, model: StagedNet, images: ImageSet,
                        device: torch.device) -> tuple[Tensor, Tensor]:
     """What the classifier receives for each image in eval mode (a head with layers of its
@@ -193,7 +183,7 @@ def _classifier_inputs(p: TrialParams, model: StagedNet, images: ImageSet,
     hook = model.classifier.register_forward_pre_hook(
         lambda _, args: captured.append(args[0].detach().float().cpu()))
     try:
-        with _eval(model), torch.no_grad(), autocast(device, p.amp):
+        with eval_mode(model), torch.no_grad(), autocast(device, p.amp):
             for x, y in images.batches(batch_size=p.eval_batch_size, shuffle=False,
                                        device=device):
                 model(preprocess(x, resolution=p.input_resolution(), mean=model.mean,
@@ -223,18 +213,15 @@ def _adapt_batch_norm(p: TrialParams, model: StagedNet, images: ImageSet, *,
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the pass
-    modes = {m: m.training for m in model.modules()}
-    set_train_mode(model, p.freeze_depth)
     try:
-        with torch.no_grad(), autocast(device, p.amp):
+        with kept_training_modes(model), torch.no_grad(), autocast(device, p.amp):
+            set_train_mode(model, p.freeze_depth)
             for x, _ in images.batches(batch_size=p.batch_size, shuffle=False, device=device):
                 model.forward_stages(preprocess(x, resolution=p.input_resolution(),
                                                 mean=model.mean, std=model.std))
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
-        for module, training in modes.items():
-            module.training = training
 
 
 def fit_probe(p: TrialParams, model: StagedNet, data: DataSplits, *,

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from trainables import metrics as M
-from trainables.cache import FeatureSet, FrozenFeatures, bypass_reason, frozen_features, say_once
+from trainables.cache import FrozenFeatures, bypass_reason, frozen_features, say_once
 from trainables.classical import fit_probe, run_classical_trial
 from trainables.data import DataSplits, ImageSet, load_data, preprocess
 from trainables.models import StagedNet, build_backbone
@@ -58,12 +58,12 @@ from trainables.runtime import (
     release_memory,
     reset_peak_memory,
 )
+from trainables.scoring import evaluate
 
 __all__ = [
     "CHECKPOINT_FILE",
     "ReportFn",
     "build_model",
-    "evaluate",
     "load_checkpoint_state",
     "resolve_trial_config",
     "run_trial",
@@ -119,39 +119,6 @@ def _setup(params: TrialParams) -> tuple[DataSplits, StagedNet]:
         raise TrialSetupError(f"backbone {params.backbone!r} with weights {params.weights!r} "
                               f"cannot be built: {type(err).__name__}: {err}") from err
     return data, model
-
-
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    topk = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return int((topk == labels[:, None]).any(dim=1).sum())
-
-
-def evaluate(
-    model: StagedNet,
-    images: ImageSet | FeatureSet,
-    *,
-    resolution: int,
-    batch_size: int,
-    device: torch.device,
-    amp: bool = False,
-    start: int = 0,
-) -> dict[str, float]:
-    """Validation loss, top-1 and top-5 accuracy (percent) of ``model`` on ``images``.
-
-    With ``start`` > 0, ``images`` holds the cached outputs of the first ``start`` stages.
-    """
-    model.eval()
-    loss_sum, top1, top5, n = 0.0, 0, 0, 0
-    with torch.no_grad(), autocast(device, amp):
-        for x, y in images.batches(batch_size=batch_size, shuffle=False, device=device):
-            if start == 0:
-                x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std)
-            logits = model.forward_head(model.forward_stages(x, start)).float()
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            top1 += _topk_correct(logits, y, 1)
-            top5 += _topk_correct(logits, y, 5)
-            n += len(y)
-    return {M.VAL_LOSS: loss_sum / n, M.TOP1: 100.0 * top1 / n, M.TOP5: 100.0 * top5 / n}
 
 
 def _groups(model: StagedNet, p: TrialParams) -> list[dict[str, Any]]:

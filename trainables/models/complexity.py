@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from trainables.models.stagednet import eval_mode
+
 __all__ = ["count_macs", "count_params"]
 
 
@@ -36,16 +38,8 @@ def count_macs(model: nn.Module, *, resolution: int) -> int:
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None else torch.float32
-    # Restore per-module flags, not just the root's: frozen stages keep their norm
-    # layers in eval mode during training, and a blanket .train() would undo that.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        x = torch.zeros(1, 3, resolution, resolution, device=device, dtype=dtype)
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    x = torch.zeros(1, 3, resolution, resolution, device=device, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(x)
     return counter.get_total_flops() // 2

@@ -6,7 +6,8 @@ Freezing and per-stage learning rates (:mod:`trainables.optim`) are derived from
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -15,6 +16,8 @@ __all__ = [
     "IMAGENET_STD",
     "StagedNet",
     "check_num_classes",
+    "eval_mode",
+    "kept_training_modes",
     "last_linear_name",
 ]
 
@@ -115,3 +118,26 @@ def check_num_classes(num_classes: int) -> None:
     """Raise a ValueError unless ``num_classes`` is an integer >= 1."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1")
+
+
+@contextlib.contextmanager
+def kept_training_modes(module: nn.Module) -> Iterator[None]:
+    """Restores every submodule's train/eval flag on exit, whatever the block set.
+
+    Per module, not just the root's: frozen stages keep their norm layers in eval mode
+    during training, and a blanket ``.train()`` afterwards would undo that.
+    """
+    modes = {m: m.training for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block; every flag as it was afterwards."""
+    with kept_training_modes(module):
+        module.eval()
+        yield
