@@ -75,6 +75,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from search.storage import FileTargetError, file_target
+
+    try:  # before search.export, which imports torch: a bad --out is refused at once
+        file_target(args.out)
+    except FileTargetError as err:
+        return _fail(f"--out: {err}")
     from search.analysis import AnalysisError
     from search.export import ModelFileError, export_model
 

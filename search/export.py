@@ -17,7 +17,6 @@ is either the complete new model or exactly what it was before, never half a fil
 from __future__ import annotations
 
 import os
-import stat
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from torch import nn
 
 from search import contract as C
 from search.analysis import AnalysisError, leaderboard, load_experiment, trial_config
-from search.storage import probe_writable
+from search.storage import FileTargetError, file_target
 from trainables.classical import HEAD_STATE_KEY, FeatureHeadNet
 from trainables.data import IMAGE_EXTENSIONS, load_data, parse_spec, preprocess, to_rgb
 from trainables.finetune import build_model, load_checkpoint_state, resolve_trial_config
@@ -93,11 +92,6 @@ REQUIRED_KEYS = tuple(_REQUIRED)
 # Messages are printed as one `ftsearch: ...` line; torch's can run to many lines.
 _MAX_DETAIL = 300
 
-# What `--out` may not be, as a message names it (a regular file or a new name is fine).
-_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                  (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
-
-
 class ModelFileError(ValueError):
     """A model file or image path that cannot be used; the message names it and why."""
 
@@ -110,44 +104,13 @@ def _one_line(text: object) -> str:
 def model_file_target(out: str | os.PathLike[str]) -> Path:
     """The regular file a model may be written to as ``out``, checked before any work.
 
-    ``out`` is an existing, writable regular file (a link to one is followed, so the
-    link stays) or a new name in a directory that exists or can be made, and is
-    writable. Creates nothing.
-
     Raises:
-        ModelFileError: ``out`` is empty, a directory, a device, FIFO or socket (or a
-            link to one), under a regular file, read-only or in an unwritable place.
+        ModelFileError: ``out`` cannot be written as a file (:func:`search.storage.file_target`).
     """
-    text = os.fspath(out)
-    if not text:
-        raise ModelFileError("empty path; name the model file to write")
-    if text.endswith(os.sep):
-        raise ModelFileError(f"{text}: names a directory; name a file in it")
-    # The rename replaces a link itself, so write where it points; a replaced device
-    # node (as root, /dev/null) would be a disaster, hence the checks on the target.
-    given = Path(text).expanduser()
-    path = Path(os.path.realpath(given))
-    shown = f"{text} (a link to {path})" if given.is_symlink() else text
     try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        mode = None  # a new file; probe_writable names a file on its way
-    except OSError as err:  # a link loop, no permission
-        raise ModelFileError(f"{shown}: {err.strerror or err}") from None
-    if mode is not None:
-        if stat.S_ISDIR(mode):
-            raise ModelFileError(f"{shown}: a directory; name a file in it")
-        if not stat.S_ISREG(mode):
-            kind = next((name for is_kind, name in _SPECIAL_FILES if is_kind(mode)),
-                        "a special file")
-            raise ModelFileError(f"{shown}: {kind}, not a regular file")
-        # The rename would replace a read-only file; overwriting it is not what it is for.
-        if not os.access(path, os.W_OK):
-            raise ModelFileError(f"{shown}: a read-only file")
-    why = probe_writable(path.parent)
-    if why is not None:
-        raise ModelFileError(f"{shown}: {why}")
-    return path
+        return file_target(out)
+    except FileTargetError as err:
+        raise ModelFileError(str(err)) from None
 
 
 def _save_atomically(payload: Mapping[str, Any], path: Path) -> None:

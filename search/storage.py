@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 
 __all__ = [
+    "FileTargetError",
     "experiment_dir",
+    "file_target",
     "is_uri",
     "probe_writable",
     "replace_file",
@@ -27,6 +30,15 @@ _SHARED_FILESYSTEMS = frozenset({
     "wekafs", "panfs", "afs", "orangefs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs",
     "fuse.gcsfuse", "fuse.juicefs", "fuse.mountpoint-s3", "fuse.goofys", "fuse.sshfs",
 })
+
+
+# What `--out` may not be, as a message names it (a regular file or a new name is fine).
+_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+class FileTargetError(ValueError):
+    """A path that cannot be written as a regular file; the message names it and why."""
 
 
 def is_uri(storage: str) -> bool:
@@ -72,6 +84,49 @@ def probe_writable(directory: str | Path) -> str | None:
             except OSError:
                 break
     return None
+
+
+def file_target(out: str | os.PathLike[str]) -> Path:
+    """The regular file ``out`` names, checked before any work writes it (``--out``).
+
+    ``out`` is an existing, writable regular file (a link to one is followed, so the
+    link stays) or a new name in a directory that exists or can be made, and is
+    writable. Creates nothing.
+
+    Raises:
+        FileTargetError: ``out`` is empty, a directory, a device, FIFO or socket (or a
+            link to one), under a regular file, read-only or in an unwritable place.
+    """
+    text = os.fspath(out)
+    if not text:
+        raise FileTargetError("empty path; name the model file to write")
+    if text.endswith(os.sep):
+        raise FileTargetError(f"{text}: names a directory; name a file in it")
+    # The rename replaces a link itself, so write where it points; a replaced device
+    # node (as root, /dev/null) would be a disaster, hence the checks on the target.
+    given = Path(text).expanduser()
+    path = Path(os.path.realpath(given))
+    shown = f"{text} (a link to {path})" if given.is_symlink() else text
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None  # a new file; probe_writable names a file on its way
+    except OSError as err:  # a link loop, no permission
+        raise FileTargetError(f"{shown}: {err.strerror or err}") from None
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise FileTargetError(f"{shown}: a directory; name a file in it")
+        if not stat.S_ISREG(mode):
+            kind = next((name for is_kind, name in _SPECIAL_FILES if is_kind(mode)),
+                        "a special file")
+            raise FileTargetError(f"{shown}: {kind}, not a regular file")
+        # The rename would replace a read-only file; overwriting it is not what it is for.
+        if not os.access(path, os.W_OK):
+            raise FileTargetError(f"{shown}: a read-only file")
+    why = probe_writable(path.parent)
+    if why is not None:
+        raise FileTargetError(f"{shown}: {why}")
+    return path
 
 
 def replace_file(path: str | Path, data: bytes) -> None:
