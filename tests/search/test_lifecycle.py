@@ -21,11 +21,11 @@ from tests.conftest import FTSEARCH, ROOT, TINY, ftsearch_env, run_ftsearch, wri
 
 pytestmark = pytest.mark.slow
 
-# One AlexNet trial of one epoch: the smallest search that still runs Ray and Tune.
+# One ResNet-18 trial of one epoch: the smallest search that still runs Ray and Tune.
 ONE_TRIAL = {**TINY, "name": "one",
              "train": {**{k: v for k, v in TINY["train"].items() if k != "weights"},
                        "epochs": 1},
-             "space": {"backbone": "alexnet",
+             "space": {"backbone": "resnet18",
                        "lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}},
              "search": {"num_samples": 1}, "scheduler": {"type": "none"}}
 

@@ -45,9 +45,9 @@ def test_searched_params_are_typed_and_conditional_bounds_hold(tiny_experiment):
     trials = pd.read_parquet(tiny_experiment / "trials.parquet")
     assert str(trials["config.freeze_depth"].dtype) == "int64"
     assert trials["config.lr"].dtype == "float64"
-    assert set(trials["config.backbone"]) == {"efficientnet_lite0", "alexnet"}
-    alex = trials[trials["config.backbone"] == "alexnet"]
-    assert (alex["config.freeze_depth"] == 0).all()  # random weights are never frozen
+    assert set(trials["config.backbone"]) == {"efficientnet_lite0", "resnet18"}
+    scratch = trials[trials["config.backbone"] == "resnet18"]
+    assert (scratch["config.freeze_depth"] == 0).all()  # random weights are never frozen
 
 
 def test_multi_objective_run_flags_pareto_trials(tiny_experiment):
