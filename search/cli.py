@@ -19,7 +19,8 @@ __all__ = ["main"]
 
 
 def _fail(message: str, code: int = C.EXIT_BAD_INPUT) -> int:
-    print(f"ftsearch: {message}", file=sys.stderr)
+    for line in message.splitlines() or [""]:  # one `ftsearch:` line per problem
+        print(f"ftsearch: {line}", file=sys.stderr)
     return code
 
 
@@ -44,6 +45,95 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     return resume_search(args.directory, overrides=list(args.set or []), address=args.address,
                          trust=args.trust)
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    # No Ray: the scores need one forward pass per backbone, in this process.
+    from search.config import ConfigError
+    from search.preflight import preflight_problems
+    from search.transfer import (
+        RankingError,
+        format_ranking,
+        load_target,
+        timed_rank,
+        write_ranking,
+    )
+
+    try:
+        cfg = load_target(args.target, _overrides(args))
+    except ConfigError as err:
+        return _fail("\n".join(err.problems))
+    problems = preflight_problems(cfg, local=True)
+    if problems:
+        return _fail("\n".join(problems))
+    try:
+        table, notes, seconds = timed_rank(cfg)
+    except RankingError as err:
+        return _fail(str(err))
+    except (ValueError, OSError, RuntimeError) as err:  # data or weights that cannot load
+        return _fail(f"ranking failed: {type(err).__name__}: {err}", C.EXIT_FAILED)
+    path = write_ranking(cfg.directory, table)
+    print("\n".join(format_ranking(table, notes, top=args.top)))
+    print(f"ranked {len(table)} cells in {seconds:.1f} s -> {path}")
+    return C.EXIT_OK
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from search.advise import advice_text, advise, default_out, write_advice
+    from search.config import ConfigError
+    from search.preflight import preflight_problems
+    from search.storage import FileTargetError, file_target
+    from search.transfer import RankingError, load_target
+
+    out = args.out or default_out(args.target)
+    try:
+        target = file_target(out)
+    except FileTargetError as err:
+        return _fail(f"--out: {err}")
+    if target.exists() and not args.force:
+        return _fail(f"--out: {target} exists; give another --out, or --force to replace it")
+    try:
+        problems = preflight_problems(load_target(args.target, _overrides(args)), local=True)
+        if problems:
+            return _fail("\n".join(problems))
+        advice = advise(args.target, _overrides(args))
+    except ConfigError as err:
+        return _fail("\n".join(err.problems))
+    except RankingError as err:
+        return _fail(str(err))
+    except (ValueError, OSError, RuntimeError) as err:  # data or weights that cannot load
+        return _fail(f"advise failed: {type(err).__name__}: {err}", C.EXIT_FAILED)
+    write_advice(advice, target)
+    print("\n".join(advice_text(advice, out=target)))
+    return C.EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    # Parquet and Optuna only: no Ray workers, no torch.
+    from search.replay import (
+        METHODS,
+        ReplayError,
+        format_replay,
+        load_grid,
+        parse_method,
+        replay_methods,
+    )
+
+    if args.seeds < 1:
+        return _fail(f"--seeds: must be >= 1 (got {args.seeds})")
+    try:
+        methods = [parse_method(m) for m in args.method] if args.method else None
+        grid = load_grid(args.directory)
+        if methods is None:
+            methods = [m for m in METHODS if not m.prior or grid.ranking is not None]
+        seeds = list(range(args.seeds))
+        results = replay_methods(grid, methods, seeds=seeds, budget=args.budget,
+                                 within=args.within)
+    except ReplayError as err:
+        return _fail(str(err))
+    print("\n".join(format_replay(grid, methods, results, seeds=seeds, budget=args.budget,
+                                  within=args.within)))
+    return C.EXIT_OK
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -194,6 +284,44 @@ def _parser() -> argparse.ArgumentParser:
                              "are unpickled: only for files you know where they came from)")
     resume.add_argument("--address", default=job_address(), help=_ADDRESS_HELP)
     resume.set_defaults(func=_cmd_resume)
+
+    rank = sub.add_parser("rank", help="rank (backbone, depth) cells by transferability "
+                                       "before training (no Ray)")
+    rank.add_argument("target", metavar="CONFIG", help="experiment YAML file, or an "
+                                                       "experiment directory")
+    rank.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                      help="override a config field (repeatable)")
+    rank.add_argument("--name", help="experiment name (overrides `name`)")
+    rank.add_argument("--storage", help="results directory (overrides `storage`)")
+    rank.add_argument("--top", type=int, default=None, help="cells shown (default: all)")
+    rank.set_defaults(func=_cmd_rank)
+
+    advise = sub.add_parser("advise", help="measure data size and similarity, place the data "
+                                           "in a fine-tuning quadrant, write a narrowed config")
+    advise.add_argument("target", metavar="CONFIG", help="experiment YAML file, or an "
+                                                         "experiment directory")
+    advise.add_argument("--out", help="config to write (default: CONFIG's stem + "
+                                      "-advised.yaml beside it)")
+    advise.add_argument("--force", action="store_true", help="replace --out if it exists")
+    advise.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                        help="override a config field (repeatable)")
+    advise.add_argument("--name", help="experiment name (overrides `name`)")
+    advise.add_argument("--storage", help="results directory (overrides `storage`)")
+    advise.set_defaults(func=_cmd_advise)
+
+    replay = sub.add_parser("replay", help="replay a finished grid experiment as a benchmark "
+                                           "of search strategies (seconds, no training)")
+    replay.add_argument("directory", metavar="GRID_EXPERIMENT",
+                        help="a finished grid experiment directory (<storage>/<name>)")
+    replay.add_argument("--method", action="append", metavar="SPEC",
+                        help="searcher[+scheduler][+prior]: grid, random, tpe; asha; prior "
+                             "(repeatable; default: grid, random, tpe+asha, tpe+asha+prior)")
+    replay.add_argument("--seeds", type=int, default=5, help="seeds per method (default 5)")
+    replay.add_argument("--budget", type=int, default=None,
+                        help="epochs each search may spend (default: the grid's total)")
+    replay.add_argument("--within", type=float, default=1.0,
+                        help="points below the grid's best that count as reached (default 1)")
+    replay.set_defaults(func=_cmd_replay)
 
     backbones = sub.add_parser("backbones", help="list the backbones")
     backbones.add_argument("--json", action="store_true", help="print a JSON list")

@@ -130,6 +130,12 @@ class SearchConfig(_Strict):
         Objective(metric="top1", mode="max")
     ]
     compound_constraint: CompoundConstraint | None = None
+    # Warm start from transferability (search.prior): rank the (backbone, depth) cells by
+    # LogME before training, run the best `prior_top` first, and with `prune_below` leave
+    # out cells scoring below that fraction of the way from the worst score to the best.
+    prior: Literal["none", "transferability"] = "none"
+    prior_top: Annotated[int, Field(ge=1)] = 3
+    prune_below: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 class SchedulerConfig(_Strict):
@@ -332,7 +338,7 @@ def _parse_scalar(text: str) -> Any:
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Applies ``key.path=value`` overrides (values parsed as YAML) to a raw config mapping."""
-    out = yaml.safe_load(yaml.safe_dump(dict(raw)))  # deep copy of plain data
+    out = yaml.safe_load(yaml.safe_dump(dict(raw), sort_keys=False))  # deep copy, key order kept
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -38,6 +38,9 @@ __all__ = [
     "SELECTABLE",
     "SIGNATURES_FILE",
     "STATUSES",
+    "TRANSFERABILITY_COLUMNS",
+    "TRANSFERABILITY_FILE",
+    "TRANSFER_SCORE",
     "TRIALS_FILE",
     "TRIAL_COLUMNS",
     "UNFINISHED",
@@ -52,6 +55,8 @@ __all__ = [
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 CONFIG_FILE = "config.yaml"  # the resolved config the search ran with
+# (backbone, depth) cells scored before training: `ftsearch rank`, search.prior.
+TRANSFERABILITY_FILE = "transferability.parquet"
 # Driver-side bookkeeping, hidden: not results, but what keeps them exactly once and safe.
 JOURNAL_FILE = ".ftsearch-journal.jsonl"  # results not yet in the Parquet files
 LOCK_FILE = ".ftsearch.lock"  # held by the one driver running or resuming the experiment
@@ -100,6 +105,16 @@ CONFIG_PREFIX = "config."
 # epochs.parquet: one row per (trial, epoch).
 EPOCH_COLUMNS = ("trial_id", M.EPOCH, M.TRAIN_LOSS, M.VAL_LOSS, M.TOP1, M.TOP5, M.LR,
                  M.SAMPLES_PER_S, M.SECONDS, M.PEAK_RSS_MB, M.PEAK_GPU_MB, M.RESUMED_FROM)
+
+# transferability.parquet: one row per (backbone, weights, depth) cell, `rank` 1 = best by
+# TRANSFER_SCORE; `in_space` says whether the search can sample the cell. The seconds: this
+# cell's scoring; its backbone's forward pass (shared by its cells, 0 when cached); and the
+# backbone's whole job, wall and CPU (setup, features, every cell).
+TRANSFER_SCORE = M.TRANSFER_SCORES[0]
+TRANSFERABILITY_COLUMNS = ("backbone", "weights", "depth", "stages", "resolution",
+                           "feature_dim", *M.TRANSFER_SCORES, "rank", "in_space",
+                           "score_seconds", "feature_seconds", "backbone_seconds",
+                           "backbone_cpu_seconds", "train_images", "classes")
 
 # --- objectives: the metric a search optimises -> the trials.parquet column that ranks it.
 # The same column orders the leaderboard, flags the Pareto front and picks the best trial.

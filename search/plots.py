@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from search.analysis import Experiment, trial_config
-from search.contract import Status, pareto_mask
+from search.contract import TRANSFER_SCORE, Status, pareto_mask
 from search.importance import Importance
+from search.transfer import experiment_cells, kendall_tau
 from trainables.models import resolve_efficientnet_coefficients
 from trainables.params import trial_defaults
 
@@ -33,6 +34,7 @@ PLOTS = {
     "learning_curves.png": "Learning curves",
     "efficientnet.png": "EfficientNet: top-1 over width x depth, coloured by resolution",
     "importance.png": "Hyperparameter importance for top-1",
+    "transferability.png": "Transferability before training against best top-1, per cell",
 }
 _MARKERS = "osD^vPX*<>"
 _TOP1 = "best validation top-1 (%)"
@@ -216,6 +218,31 @@ def _importance(importances: Sequence[Importance]) -> Figure | None:
     return fig
 
 
+def _transferability(experiments: Sequence[Experiment]) -> Figure | None:
+    cells = {e.name: experiment_cells(e) for e in experiments}
+    cells = {name: c for name, c in cells.items() if c is not None and not c.empty}
+    if not cells:
+        return None
+    fig = Figure(figsize=(max(7.0, 4.5 * len(cells) + 1), 4.4), layout="constrained")
+    fig.suptitle(PLOTS["transferability.png"], fontsize=11)
+    # One panel per experiment: scores of different datasets are not comparable.
+    for ax, (name, part) in zip(np.atleast_1d(fig.subplots(1, len(cells))), cells.items(),
+                                strict=True):
+        for i, (backbone, group) in enumerate(part.groupby("backbone")):
+            ax.scatter(group[TRANSFER_SCORE], group["best_top1"], color=f"C{i % 10}",
+                       edgecolors="black", linewidths=0.4, label=backbone)
+            for row in group.itertuples():
+                ax.annotate(str(row.depth), (getattr(row, TRANSFER_SCORE), row.best_top1),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{name}: Kendall tau {kendall_tau(part):.2f} over {len(part)} cells",
+                     fontsize=9)
+        ax.set_xlabel(f"{TRANSFER_SCORE} of the stage's pooled features (label: depth)")
+        ax.set_ylabel(_TOP1)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
 def write_plots(experiments: Sequence[Experiment], board: pd.DataFrame,
                 importances: Sequence[Importance], *, out: str | Path) -> dict[str, Path]:
     """Writes every plot that applies to ``out``; returns title -> PNG path, report order.
@@ -235,6 +262,7 @@ def write_plots(experiments: Sequence[Experiment], board: pd.DataFrame,
         "learning_curves.png": _learning_curves(frame, epochs) if not frame.empty else None,
         "efficientnet.png": _efficientnet(frame) if not frame.empty else None,
         "importance.png": _importance(importances),
+        "transferability.png": _transferability(experiments),
     }
     written = {}
     for name, fig in figures.items():

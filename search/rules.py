@@ -6,7 +6,7 @@ valid range, its choices must be valid values), then the rules that tie fields t
 freeze depth against the sampled backbones' stages, pretrained weights against the
 backbones that have them, heads against weights (no frozen random weights, no classical
 head on random features) and each head's own parameters, EfficientNet coefficients,
-warm-start points, scheduler settings.
+warm-start points, scheduler settings, the transferability prior.
 Files (weights, data folders, storage) are checked later, by :mod:`search.preflight`.
 """
 
@@ -267,6 +267,28 @@ def _scheduler_problems(cfg: ExperimentConfig) -> list[str]:
     return problems
 
 
+def _prior_problems(cfg: ExperimentConfig) -> list[str]:
+    search = cfg.search
+    if search.prior == "none":
+        return (["search.prune_below: prunes cells of the transferability ranking; set "
+                 "search.prior: transferability too"] if search.prune_below is not None else [])
+    problems = []
+    if cfg.scheduler.type == "pbt":
+        problems.append("search.prior: transferability picks the first trials, and PBT's "
+                        "population is sampled up front; use scheduler asha, hyperband, "
+                        "median or none")
+    entry = cfg.space.get("weights")
+    if isinstance(entry, Distribution):
+        problems.append("search.prior: transferability ranks each backbone with its own "
+                        "weights; fix `weights` (a mapping backbone -> weights) instead of "
+                        "searching it")
+    elif all(w == "none" for _, _, w in cfg.weights_choices()):
+        problems.append(f"search.prior: transferability scores pretrained features, and every "
+                        f"backbone of {cfg.backbone_choices()} has weights 'none'; give one "
+                        f"pretrained weights or set search.prior: none")
+    return problems
+
+
 def config_problems(cfg: ExperimentConfig) -> list[str]:
     """Every rule ``cfg`` breaks, one line each naming the field; empty when it is valid."""
     problems = _single_field_problems(cfg)
@@ -278,4 +300,4 @@ def config_problems(cfg: ExperimentConfig) -> list[str]:
     if not problems:  # a depth out of range is the one thing to say about it
         problems = _head_problems(cfg, backbones)
     return (problems + _efficientnet_problems(cfg, backbones) + _points_problems(cfg)
-            + _scheduler_problems(cfg))
+            + _scheduler_problems(cfg) + _prior_problems(cfg))

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from search import contract as C
 from search.changes import config_changes, record_changes, refused_changes, write_config
@@ -28,6 +29,9 @@ from search.signing import (
     unsigned_files,
 )
 from search.storage import is_uri
+
+if TYPE_CHECKING:
+    from search.prior import Prior
 
 __all__ = ["resume_search", "run_search"]
 
@@ -120,9 +124,18 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
             return _refuse([problem])
         if not resume and not is_uri(cfg.storage):
             _start_fresh(cfg)  # only once every check passed: a refused run leaves nothing
+        prior = None
+        if not resume and cfg.search.prior == "transferability":
+            # On resume Tune restores the searcher this prior built: it is not ranked again.
+            try:
+                prior = _transferability_prior(cfg)
+            except Exception as err:  # noqa: BLE001 - a worker's error, reported once
+                print(f"ftsearch: transferability ranking failed: "
+                      f"{str(err).strip().splitlines()[-1]}", file=sys.stderr)
+                return C.EXIT_FAILED
         from search.tuner import build_tuner, restore_tuner
 
-        tuner = restore_tuner(cfg) if resume else build_tuner(cfg)
+        tuner = restore_tuner(cfg) if resume else build_tuner(cfg, prior=prior)
         try:
             with _space_reserve(cfg):
                 tuner.fit()
@@ -139,6 +152,25 @@ def _search(cfg: ExperimentConfig, *, address: str | None, resume: bool) -> int:
     lines, ok = run_summary(cfg.directory, cfg.search.points_to_evaluate)
     print("\n".join(lines), flush=True)
     return C.EXIT_OK if ok else C.EXIT_FAILED
+
+
+def _transferability_prior(cfg: ExperimentConfig) -> Prior:
+    """Ranks the cells as Ray tasks with a trial's resources; prints what the prior does."""
+    from search.prior import build_prior
+    from search.transfer import ray_runner, timed_rank, write_ranking
+
+    table, notes, seconds = timed_rank(cfg, run=ray_runner(cfg))
+    write_ranking(cfg.directory, table)
+    prior = build_prior(cfg, table)
+    cells = ", ".join(f"{b} depth {d}" for b, d in prior.cells) or "none in the space"
+    print(f"transferability prior: {len(table)} cells ranked in {seconds:.1f} s "
+          f"({C.TRANSFERABILITY_FILE}); first trials: {cells}", flush=True)
+    if prior.pruned:
+        print(f"pruned {len(prior.pruned)} cells below search.prune_below: "
+              + ", ".join(f"{b} depth {d}" for b, d in prior.pruned), flush=True)
+    for note in notes:
+        print(f"  not ranked: {note}", flush=True)
+    return prior
 
 
 def _start_fresh(cfg: ExperimentConfig) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -86,8 +87,11 @@ class DefineByRun:
     (frozen random weights would stay random), and a classical head's feature depth.
     """
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig,
+                 depth_limits: Mapping[str, tuple[int, int]] | None = None) -> None:
         self.searched = cfg.searched()
+        # Backbone -> (lowest, highest) freeze_depth / features_from, from a pruning prior.
+        self.depth_limits = dict(depth_limits or {})
         self.fixed = cfg.fixed()
         self.grid = cfg.search.algorithm == "grid"
         self.constraint = cfg.search.compound_constraint
@@ -95,17 +99,22 @@ class DefineByRun:
         # freeze_depth varies between trials (and has a column) when either is searched.
         self.depth_varies = bool({"freeze_depth", "head"} & set(self.searched))
 
-    def _capped_int(self, trial: optuna.Trial, key: str, dist: Distribution, n: int) -> int:
-        high = min(int(dist.high), n)
-        return _suggest(trial, key, dist, grid=self.grid, low=min(dist.low, high), high=high)
+    def _capped_int(self, trial: optuna.Trial, key: str, dist: Distribution, n: int,
+                    backbone: str) -> int:
+        low, high = dist.low, min(int(dist.high), n)
+        if backbone in self.depth_limits:
+            first, last = self.depth_limits[backbone]
+            # Depth 0 has no frozen features to score: it goes with depth 1.
+            low, high = (low if first <= 1 else max(low, first)), min(high, last)
+        return _suggest(trial, key, dist, grid=self.grid, low=min(low, high), high=high)
 
-    def _freeze_depth(self, trial: optuna.Trial, dist: Distribution, n: int,
+    def _freeze_depth(self, trial: optuna.Trial, dist: Distribution, n: int, backbone: str,
                       values: dict[str, Any], constants: dict[str, Any]) -> None:
         if dist.type == "fraction":
             frac = _suggest(trial, FREEZE_FRACTION, dist, grid=self.grid)
             constants["freeze_depth"] = min(n, round(frac * n))
         elif dist.type == "int":
-            values["freeze_depth"] = self._capped_int(trial, "freeze_depth", dist, n)
+            values["freeze_depth"] = self._capped_int(trial, "freeze_depth", dist, n, backbone)
         else:
             values["freeze_depth"] = _suggest(trial, "freeze_depth", dist, grid=self.grid)
 
@@ -129,9 +138,9 @@ class DefineByRun:
             if key == "gamma" and self.constraint:
                 continue
             if key == "freeze_depth":
-                self._freeze_depth(trial, dist, n, values, constants)
+                self._freeze_depth(trial, dist, n, current("backbone"), values, constants)
             elif key == "features_from" and dist.type == "int":
-                values[key] = self._capped_int(trial, key, dist, n)
+                values[key] = self._capped_int(trial, key, dist, n, current("backbone"))
             else:
                 values[key] = _suggest(trial, key, dist, grid=self.grid)
         if "head" in self.searched and not applies("head"):
@@ -152,9 +161,11 @@ class DefineByRun:
         return constants
 
 
-def make_define_by_run(cfg: ExperimentConfig) -> DefineByRun:
-    """The define-by-run function of ``cfg``'s space."""
-    return DefineByRun(cfg)
+def make_define_by_run(cfg: ExperimentConfig,
+                       depth_limits: Mapping[str, tuple[int, int]] | None = None
+                       ) -> DefineByRun:
+    """The define-by-run function of ``cfg``'s space (depths limited per backbone)."""
+    return DefineByRun(cfg, depth_limits)
 
 
 def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:

@@ -16,6 +16,7 @@ __all__ = [
     "FileTargetError",
     "experiment_dir",
     "file_target",
+    "frozen_cache_dir",
     "is_uri",
     "probe_writable",
     "replace_file",
@@ -56,6 +57,17 @@ def storage_root(storage: str) -> str:
 def experiment_dir(storage: str, name: str) -> str:
     """``<storage>/<name>``, absolute for local storage."""
     return f"{storage_root(storage)}/{name}"
+
+
+def frozen_cache_dir(storage: str, name: str) -> str:
+    """Where the trials of experiment ``name`` keep their frozen-stage cache.
+
+    It is shared by the trials of a node (trainables/cache.py): beside the results for local
+    storage, in each node's home for remote storage.
+    """
+    if is_uri(storage):
+        return f"~/.cache/ftsearch/frozen/{name}"
+    return str(Path(experiment_dir(storage, name)) / ".cache")
 
 
 def probe_writable(directory: str | Path) -> str | None:

@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.callback import FailFast, ParquetCallback
 from search.config import ExperimentConfig
+from search.prior import Prior, order_points
 from search.signing import SEARCH_GENERATOR_STATE, TUNER_STATE_FILE, sign_files
 from search.space import (
     column_types,
@@ -31,7 +32,7 @@ from search.space import (
     make_sampler,
     sample_configs,
 )
-from search.storage import is_uri, replace_file, storage_root
+from search.storage import frozen_cache_dir, is_uri, replace_file, storage_root
 from search.store import ResultsStore
 from trainables import metrics as M
 from trainables.finetune import tune_trainable
@@ -80,13 +81,31 @@ class _HyperBand(HyperBandScheduler):
                 self._ending = False
 
 
+class _ASHA(ASHAScheduler):
+    """ASHA whose rungs hold only results of the fidelity they compare.
+
+    A classical-head trial reports its final top-1 as epoch 1 (:data:`~trainables.metrics.
+    COMPLETE`). Ray's ASHA records every completed trial in the rungs it reached, so that
+    final result would sit in the epoch-1 rung beside SGD trials' first epochs, and a
+    fine-tuning run that starts slowly (most do) would be stopped for not matching a
+    finished fit. Measured on the digits-100 grid (BENCHMARKS.md section 3), TPE + ASHA then
+    missed the grid's best by more than a point on 4 of 5 seeds.
+    """
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if result and result.get(M.COMPLETE):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
+
 def build_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
     """The trial scheduler; its time unit is the epoch."""
     # metric and mode come from TuneConfig (the first objective).
     s = cfg.scheduler
     max_t = s.max_t or cfg.epochs
     if s.type == "asha":
-        return ASHAScheduler(time_attr=M.EPOCH, max_t=max_t,
+        return _ASHA(time_attr=M.EPOCH, max_t=max_t,
                              grace_period=s.grace_period, reduction_factor=s.reduction_factor,
                              brackets=s.brackets)
     if s.type == "hyperband":
@@ -130,17 +149,10 @@ def preset_points(cfg: ExperimentConfig) -> list[dict[str, Any]] | None:
     return sample_configs(cfg, cfg.search.num_samples)
 
 
-def _cache_dir(cfg: ExperimentConfig) -> str:
-    # Frozen-stage activations (trainables/cache.py) are shared by the trials of a node:
-    # beside the results for local storage, in each node's home for remote storage.
-    if is_uri(cfg.storage):
-        return f"~/.cache/ftsearch/frozen/{cfg.name}"
-    return str(Path(cfg.directory) / ".cache")
-
-
 def _param_space(cfg: ExperimentConfig, points: list[dict[str, Any]] | None) -> dict[str, Any]:
     space = cfg.fixed()
-    space.setdefault("cache_dir", _cache_dir(cfg))  # `train.cache_dir: null` turns it off
+    # `train.cache_dir: null` turns the frozen-stage cache off.
+    space.setdefault("cache_dir", frozen_cache_dir(cfg.storage, cfg.name))
     # Tune only lets preset points fill keys the param space already has.
     for point in points or ():
         space.update({k: None for k in point if k not in space})
@@ -161,22 +173,32 @@ class _OptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def build_searcher(cfg: ExperimentConfig, points: list[dict[str, Any]] | None = None
-                   ) -> Searcher | BasicVariantGenerator:
-    """OptunaSearch over the define-by-run space, or a generator over preset ``points``."""
+def build_searcher(cfg: ExperimentConfig, points: list[dict[str, Any]] | None = None,
+                   prior: Prior | None = None) -> Searcher | BasicVariantGenerator:
+    """OptunaSearch over the define-by-run space, or a generator over preset ``points``.
+
+    A ``prior`` (:mod:`search.prior`) puts its cells' trials first and leaves its pruned
+    cells out: a grid's points are reordered and filtered, Optuna gets the cells' points
+    enqueued first and a space limited to the kept depths and backbones.
+    """
     if points is not None:
+        if prior is not None:
+            points = order_points(points, cfg, prior)
         return BasicVariantGenerator(points_to_evaluate=points,
                                      max_concurrent=cfg.search.max_concurrent or 0)
+    warm = list(cfg.search.points_to_evaluate)
+    if prior is not None:
+        warm = prior.points + [p for p in warm if p not in prior.points]
     objectives = cfg.search.objectives
     metric: str | list[str] = [o.metric for o in objectives]
     mode: str | list[str] = [o.mode for o in objectives]
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
     # TuneConfig.max_concurrent_trials wraps this in a ConcurrencyLimiter.
-    return _OptunaSearch(
-        space=make_define_by_run(cfg), metric=metric, mode=mode,
-        points_to_evaluate=list(cfg.search.points_to_evaluate) or None,
-        sampler=make_sampler(cfg))
+    space = (make_define_by_run(prior.config(cfg), prior.depth_limits) if prior is not None
+             else make_define_by_run(cfg))
+    return _OptunaSearch(space=space, metric=metric, mode=mode,
+                         points_to_evaluate=warm or None, sampler=make_sampler(cfg))
 
 
 def results_store(cfg: ExperimentConfig) -> ResultsStore:
@@ -200,12 +222,15 @@ def _trainable(cfg: ExperimentConfig) -> Any:
     return tune.with_resources(tune_trainable, resources)
 
 
-def build_tuner(cfg: ExperimentConfig) -> tune.Tuner:
-    """A Tuner for ``cfg``; results go to ``<storage>/<name>``."""
+def build_tuner(cfg: ExperimentConfig, *, prior: Prior | None = None) -> tune.Tuner:
+    """A Tuner for ``cfg``, warm-started by ``prior``; results go to ``<storage>/<name>``."""
     metric, mode = _primary(cfg)
     points = preset_points(cfg)
+    searcher = build_searcher(cfg, points, prior)
+    if points is not None and prior is not None:
+        points = order_points(points, cfg, prior)
     tune_config = tune.TuneConfig(
-        metric=metric, mode=mode, search_alg=build_searcher(cfg, points),
+        metric=metric, mode=mode, search_alg=searcher,
         scheduler=build_scheduler(cfg),
         num_samples=cfg.search.num_samples if points is None else len(points),
         # BasicVariantGenerator limits concurrency itself.

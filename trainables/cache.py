@@ -16,35 +16,36 @@ train later) or when the activations would exceed ``max_mb``.
 Classical heads (trainables/heads.py) and the LP-FT probe read *pooled* activations
 (``pool=True``): one global-average-pooled vector per image, a separate, much smaller file.
 
-Files are written to a temporary name and renamed under an exclusive lock, so concurrent
-trials on a node build a file once and never read a partial one; they are read
-memory-mapped, so trials on a node share one copy in the page cache. Activations are kept in
-float32: what the uncached path feeds the first trainable stage, at N x C x H x W x 4 bytes.
+Files (:mod:`trainables.cachefiles`) are written to a temporary name and renamed under an
+exclusive lock, so concurrent trials on a node build a file once and never read a partial
+one; they are read memory-mapped, so trials on a node share one copy in the page cache.
+Activations are kept in float32: what the uncached path feeds the first trainable stage, at
+N x C x H x W x 4 bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from trainables.data.imagesets import ImageSet, indexed_batches
+from trainables.cachefiles import (
+    FORMAT_VERSION,
+    FeatureSet,
+    fingerprint,
+    load_features,
+    locked,
+    save_features,
+)
+from trainables.data.imagesets import ImageSet
 from trainables.data.transforms import preprocess
 from trainables.models.stagednet import StagedNet, eval_mode
-
-try:  # POSIX; elsewhere write-then-rename alone keeps readers safe (a file may be built twice)
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "FORMAT_VERSION",
@@ -55,53 +56,17 @@ __all__ = [
     "compute_features",
     "fingerprint",
     "frozen_features",
+    "pooled_stage_features",
     "say_once",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 # Above this the activations are not cached: at half depth of a large backbone at 224 px they
 # reach megabytes per image, and the cache must fit in memory (on the GPU when training there).
 MAX_CACHE_MB = 2048.0
-# Images hashed into the data fingerprint (evenly spaced), on top of every label.
-_HASHED_IMAGES = 1024
 
 _said: set[str] = set()
-
-
-@dataclass
-class FeatureSet:
-    """Activations of the frozen stages with their labels, batched like an image set.
-
-    Attributes:
-        features: float32 ``[N, ...]``, one row per image, in the image set's order.
-        labels: int64 ``[N]``.
-    """
-
-    features: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def to(self, device: torch.device | str) -> FeatureSet:
-        """The set with features and labels on ``device`` (moved once, not per batch)."""
-        return FeatureSet(features=self.features.to(device), labels=self.labels.to(device))
-
-    def batches(
-        self,
-        *,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        drop_last: bool = False,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Iterate once, with the arguments and batch order of ``ImageSet.batches``."""
-        # The image sets' own batching, so a cached epoch visits the same batches.
-        return indexed_batches(self.features, self.labels, batch_size=batch_size,
-                               shuffle=shuffle, seed=seed, device=device, drop_last=drop_last)
 
 
 @dataclass(frozen=True)
@@ -130,53 +95,6 @@ def bypass_reason(*, augment: bool, unfreeze_at_epoch: int | None) -> str | None
     if unfreeze_at_epoch is not None:
         return "unfreeze_at_epoch is set: the frozen stages train later"
     return None
-
-
-def fingerprint(
-    model: StagedNet,
-    *,
-    depth: int,
-    resolution: int,
-    data_key: str,
-    train: ImageSet,
-    val: ImageSet,
-    device: torch.device,
-    amp: bool,
-    channels_last: bool,
-    pool: bool = False,
-) -> str:
-    """Hex digest of everything the frozen stages' outputs depend on.
-
-    That is the backbone and the architecture of ``stages[:depth]``, their weights and buffers
-    (hashed, so packaged, ImageNet, file and seeded random weights are all covered), the
-    depth, the resolution, the input normalisation, the data (its spec and seed in
-    ``data_key``, sizes, every label and a sample of the images), the numerics (device type,
-    bf16 autocast, memory format), the torch version and whether the outputs are pooled.
-    """
-    h = hashlib.blake2b(digest_size=16)
-
-    def put(*parts: object) -> None:
-        for part in parts:
-            h.update(repr(part).encode())
-            h.update(b"\x00")
-
-    frozen = model.stages[:depth]
-    put(FORMAT_VERSION, model.name, depth, int(resolution), model.mean, model.std, repr(frozen))
-    for name, tensor in frozen.state_dict().items():
-        put(name, tuple(tensor.shape), str(tensor.dtype))
-        h.update(_bytes(tensor))
-    put(data_key, len(train), len(val), train.image_shape, val.image_shape)
-    for image_set in (train, val):
-        h.update(_bytes(image_set.labels))
-        images = getattr(image_set, "images", None)  # in-memory sets; streamed ones are not read
-        if images is not None and len(images):
-            step = max(1, len(images) // _HASHED_IMAGES)
-            h.update(_bytes(images[::step]))
-    autocast = amp and device.type == "cuda"
-    put(device.type, autocast, channels_last and device.type == "cuda", torch.__version__)
-    if pool:  # a separate file; unpooled keys stay what they were
-        put("pooled")
-    return h.hexdigest()
 
 
 def frozen_features(
@@ -239,11 +157,11 @@ def frozen_features(
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key}.pt"
     build_seconds = 0.0
-    sets = _load(path, n_train=len(train), n_val=len(val))
+    sets = load_features(path, n_train=len(train), n_val=len(val))
     if sets is None:
-        with _locked(directory / f"{key}.lock"):
+        with locked(directory / f"{key}.lock"):
             # Another trial on this node may have built it while this one waited.
-            sets = _load(path, n_train=len(train), n_val=len(val))
+            sets = load_features(path, n_train=len(train), n_val=len(val))
             if sets is None:
                 t0 = time.perf_counter()
                 try:
@@ -251,7 +169,7 @@ def frozen_features(
                 except _Skipped as err:
                     say_once(f"frozen-stage cache bypassed: {err}")
                     return None
-                _save(path, *sets)
+                save_features(path, *sets)
                 build_seconds = time.perf_counter() - t0
                 log.info("frozen-stage cache %s built in %.1f s (%.0f MB)", path,
                          build_seconds, size_mb)
@@ -284,6 +202,53 @@ def compute_features(
     return opts.all(images, batch_size, strict=False)
 
 
+def pooled_stage_features(
+    model: StagedNet,
+    *,
+    depths: list[int],
+    train: ImageSet,
+    val: ImageSet,
+    resolution: int,
+    data_key: str,
+    cache_dir: str | os.PathLike[str],
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+    batch_size: int = 256,
+) -> tuple[dict[int, tuple[FeatureSet, FeatureSet]], float]:
+    """Pooled outputs of ``stages[:k]`` for every k in ``depths``, in one forward pass.
+
+    Each depth is the very file :func:`frozen_features` with ``pool=True`` reads (same
+    fingerprint, same numerics), so a ranking's features serve the classical-head trials
+    and LP-FT probes that follow, and the other way round. Depths already on disk are read;
+    the rest are computed by one pass through ``stages[:max(missing)]``.
+
+    Returns:
+        ``({depth: (train, val)}, seconds spent computing)``.
+    """
+    directory = Path(cache_dir).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    opts = _Compute(model=model, depth=max(depths), resolution=resolution, device=device,
+                    amp=amp, channels_last=channels_last, pool=True)
+    keys = {k: fingerprint(model, depth=k, resolution=resolution, data_key=data_key,
+                           train=train, val=val, device=device, amp=amp,
+                           channels_last=channels_last, pool=True) for k in depths}
+    paths = {k: directory / f"{key}.pt" for k, key in keys.items()}
+    found = {k: load_features(paths[k], n_train=len(train), n_val=len(val)) for k in depths}
+    missing = [k for k in depths if found[k] is None]
+    seconds = 0.0
+    if missing:
+        t0 = time.perf_counter()
+        computed = [opts.all_depths(images, batch_size, missing) for images in (train, val)]
+        seconds = time.perf_counter() - t0
+        for k in missing:
+            found[k] = (computed[0][k], computed[1][k])
+            with locked(directory / f"{paths[k].stem}.lock"):
+                if not paths[k].exists():
+                    save_features(paths[k], *found[k])
+    return {k: found[k] for k in depths}, seconds  # type: ignore[misc]
+
+
 def say_once(message: str) -> None:
     """Logs ``message`` as a warning the first time this process sees it."""
     if message not in _said:
@@ -292,11 +257,6 @@ def say_once(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _bytes(tensor: Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").reshape(-1).contiguous()
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 class _Skipped(Exception):
@@ -315,18 +275,44 @@ class _Compute:
     channels_last: bool
     pool: bool = False
 
-    def run(self, images: Tensor) -> Tensor:
+    def _inputs(self, images: Tensor) -> Tensor:
         x = preprocess(images, resolution=self.resolution, mean=self.model.mean,
                        std=self.model.std)
         if self.device.type == "cuda" and self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                    if self.amp and self.device.type == "cuda" else contextlib.nullcontext())
-        with torch.no_grad(), autocast, eval_mode(self.model.stages[: self.depth]):
-            out = self.model.forward_stages(x, 0, self.depth)
-            if self.pool and out.ndim == 4:
-                out = out.float().mean(dim=(2, 3))
+        return x
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast("cuda", dtype=torch.bfloat16)
+                if self.amp and self.device.type == "cuda" else contextlib.nullcontext())
+
+    def _finish(self, out: Tensor) -> Tensor:
+        if self.pool and out.ndim == 4:
+            out = out.float().mean(dim=(2, 3))
         return out.float().contiguous().cpu()
+
+    def run(self, images: Tensor) -> Tensor:
+        x = self._inputs(images)
+        with torch.no_grad(), self._autocast(), eval_mode(self.model.stages[: self.depth]):
+            return self._finish(self.model.forward_stages(x, 0, self.depth))
+
+    def all_depths(self, images: ImageSet, batch_size: int, depths: list[int]
+                   ) -> dict[int, FeatureSet]:
+        """:meth:`run` at each of ``depths`` (pooled), from one pass through the stages."""
+        outputs: dict[int, list[Tensor]] = {k: [] for k in depths}
+        labels = []
+        for x, y in images.batches(batch_size=batch_size, shuffle=False, device=self.device):
+            x = self._inputs(x)
+            with torch.no_grad(), self._autocast(), eval_mode(self.model.stages[: self.depth]):
+                for k in range(1, max(depths) + 1):
+                    x = self.model.stages[k - 1](x)
+                    if k in outputs:
+                        outputs[k].append(self._finish(x))
+            labels.append(y.cpu())
+        labels_t = torch.cat(labels)
+        if len(labels_t) != len(images):
+            raise ValueError(f"{len(images)} images listed but {len(labels_t)} decoded")
+        return {k: FeatureSet(features=torch.cat(v), labels=labels_t) for k, v in outputs.items()}
 
     def all(self, images: ImageSet, batch_size: int, *, strict: bool = True) -> FeatureSet:
         features, labels = [], []
@@ -340,42 +326,3 @@ class _Compute:
         return FeatureSet(features=torch.cat(features), labels=labels_t)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _save(path: Path, train: FeatureSet, val: FeatureSet) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    payload = {"format": torch.tensor(FORMAT_VERSION),
-               "train": train.features, "train_labels": train.labels,
-               "val": val.features, "val_labels": val.labels}
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: readers see the old state or the whole file
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _load(path: Path, *, n_train: int, n_val: int) -> tuple[FeatureSet, FeatureSet] | None:
-    if not path.exists():
-        return None
-    try:
-        # Memory-mapped: trials on a node share the page cache instead of one copy each.
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        train = FeatureSet(features=payload["train"], labels=payload["train_labels"])
-        val = FeatureSet(features=payload["val"], labels=payload["val_labels"])
-        ok = int(payload["format"]) == FORMAT_VERSION and (len(train), len(val)) == (n_train,
-                                                                                     n_val)
-    except Exception as err:  # unreadable (e.g. a disk filled up mid-write): rebuild it
-        log.warning("frozen-stage cache %s is unreadable (%s); rebuilding it", path, err)
-        return None
-    return (train, val) if ok else None

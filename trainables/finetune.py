@@ -351,6 +351,9 @@ def tune_trainable(config: dict[str, Any]) -> None:
             torch.save(checkpoint_state, Path(directory) / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
+    # Tune gives every trial of preset points (a grid) the union of their keys, None where a
+    # point lacks one (a classical head's `lr`): for a trial parameter None means unset.
+    config = {k: v for k, v in config.items() if v is not None}
     stopped, failure = False, None
     try:
         run_trial({**config, "device": device}, report=report, state=state)

@@ -12,6 +12,8 @@ __all__ = [
     "EPOCH",
     "EPOCH_METRICS",
     "GMACS",
+    "HSCORE",
+    "LOGME",
     "LR",
     "PARAMS",
     "PEAK_GPU_MB",
@@ -22,6 +24,7 @@ __all__ = [
     "SETUP_FAILURE",
     "TOP1",
     "TOP5",
+    "TRANSFER_SCORES",
     "TRAIN_LOSS",
     "VAL_LOSS",
 ]
@@ -57,3 +60,9 @@ EPOCH_METRICS = (
     EPOCH, TRAIN_LOSS, VAL_LOSS, TOP1, TOP5, LR, SAMPLES_PER_S, SECONDS, PEAK_RSS_MB, PEAK_GPU_MB,
     RESUMED_FROM,
 )
+
+# Transferability scores of frozen stage features (trainables/transferability.py), higher is
+# better; the first ranks the (backbone, depth) cells of transferability.parquet.
+LOGME = "logme"
+HSCORE = "hscore"
+TRANSFER_SCORES = (LOGME, HSCORE)

@@ -1,0 +1,148 @@
+"""``ftsearch rank`` and ``ftsearch advise`` as a user runs them: no Ray, real data and weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import duckdb
+import pandas as pd
+import pytest
+import yaml
+
+from search import contract as C
+from search.config import load_config
+from search.preflight import preflight_problems
+from tests.conftest import ROOT, ftsearch_env, write_config
+
+CONFIG = {
+    "name": "rank", "seed": 0,
+    "data": {"source": "digits", "samples_per_class": 10, "val_fraction": 0.1},
+    "train": {"resolution": 32, "epochs": 2,
+              "weights": {"efficientnet_lite0": "packaged", "default": "none"}},
+    "space": {"backbone": {"type": "choice", "values": ["efficientnet_lite0", "resnet18"]},
+              "freeze_depth": {"type": "int", "low": 0, "high": 6},
+              "lr": {"type": "loguniform", "low": 0.003, "high": 0.3},
+              "lr_scale": {"type": "loguniform", "low": 0.01, "high": 1.0}},
+    "search": {"num_samples": 4},
+}
+# Runs the CLI and reports whether Ray was imported at all.
+_NO_RAY = ("import sys; from search.cli import main; code = main(sys.argv[1:]); "
+           "print('RAY LOADED' if 'ray' in sys.modules else 'no ray'); sys.exit(code)")
+
+
+def _ftsearch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _NO_RAY, *args], cwd=ROOT, env=ftsearch_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rank")
+    config = write_config(root / "rank.yaml", {**CONFIG, "storage": str(root / "runs")})
+    return config, _ftsearch("rank", str(config)), root / "runs" / "rank"
+
+
+def test_rank_prints_the_ranked_cells_and_writes_the_contract_file_without_ray(ranked):
+    _, proc, directory = ranked
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "no ray"
+    assert lines[0].split()[:3] == ["rank", "backbone", "depth"]
+    assert any(line.startswith("skipped resnet18: weights 'none'") for line in lines)
+    table = pd.read_parquet(directory / C.TRANSFERABILITY_FILE)
+    assert list(table.columns) == list(C.TRANSFERABILITY_COLUMNS)
+    assert list(table["rank"]) == list(range(1, 10))
+    assert table[C.TRANSFER_SCORE].is_monotonic_decreasing
+    assert set(table.depth) == set(range(1, 10)) and (table.backbone == "efficientnet_lite0").all()
+    assert list(table.sort_values("depth").in_space) == [True] * 6 + [False] * 3
+    # each printed cell line is a row, best first
+    shown = [line.split() for line in lines[1:10]]
+    assert [int(s[2].split("/")[0]) for s in shown] == list(table.depth)
+    via_sql = duckdb.sql(f"SELECT depth FROM '{directory / C.TRANSFERABILITY_FILE}' "
+                         f"WHERE rank = 1").fetchall()[0][0]
+    assert via_sql == table.depth.iloc[0]
+
+
+def test_a_second_rank_reads_the_features_from_the_cache(ranked):
+    config, first, directory = ranked
+    again = _ftsearch("rank", str(config))
+    assert again.returncode == 0, again.stderr
+    assert "read from the frozen-stage cache" in again.stdout
+    assert "one forward pass" in first.stdout
+    table = pd.read_parquet(directory / C.TRANSFERABILITY_FILE)
+    assert (table.feature_seconds == 0).all()
+
+
+def test_rank_refuses_a_bad_config_before_any_work(tmp_path):
+    bad = write_config(tmp_path / "bad.yaml", {**CONFIG, "storage": str(tmp_path),
+                                               "data": {"source": "imagefolder",
+                                                        "path": str(tmp_path / "none")}})
+    proc = _ftsearch("rank", str(bad))
+    assert proc.returncode == 2 and proc.stderr.startswith("ftsearch: data.path")
+    assert not (tmp_path / "rank").exists()
+
+
+def test_rank_of_an_experiment_without_pretrained_backbones_names_the_cause(tmp_path):
+    scratch = {**CONFIG, "storage": str(tmp_path), "train": {"resolution": 32},
+               "space": {"backbone": "resnet18", "lr": CONFIG["space"]["lr"]}}
+    proc = _ftsearch("rank", str(write_config(tmp_path / "s.yaml", scratch)))
+    assert proc.returncode == 2
+    assert "nothing to rank: no backbone of ['resnet18'] has pretrained weights" in proc.stderr
+
+
+# 10 per class, and every digit there is: about 160 per class (digits has no 300 of a class).
+@pytest.mark.parametrize(("per_class", "size"), [(10, "small"), (None, "large")])
+def test_advise_moves_quadrant_with_data_size_and_writes_a_runnable_config(tmp_path, per_class,
+                                                                            size):
+    raw = {**CONFIG, "storage": str(tmp_path / "runs"),
+           "data": {**CONFIG["data"], "samples_per_class": per_class}}
+    config = write_config(tmp_path / "c.yaml", raw)
+    proc = _ftsearch("advise", str(config))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "c-advised.yaml"
+    said = proc.stdout.splitlines()
+    assert said[0].startswith("size:") and f"-> {size}" in said[0]
+    assert "-> different" in said[1]  # digits are unlike ImageNet to Lite0's own classifier
+    quadrant = f"quadrant: {size} & different"
+    assert said[2].startswith(quadrant)
+    advised = load_config(out)
+    assert not preflight_problems(advised, local=True)  # what `ftsearch run` checks first
+    depth = advised.space["freeze_depth"]
+    # the rule: less data, more frozen (Lite0's 9 stages: small & different 30-70 % of
+    # them, large & different at most 25 %), within the user's own 0..6
+    assert (depth.low, depth.high) == ((3, 6) if size == "small" else (0, 2))
+    assert advised.space["head"].values == (["linear", "logreg", "svm"] if size == "small"
+                                            else ["linear"])
+    assert advised.space["lr_scale"].low == 0.1 and advised.space["lr_scale"].high == 1.0
+    assert advised.search.points_to_evaluate  # the ranking's best cells first
+    assert yaml.safe_load(out.read_text())["name"] == "rank-advised"
+    again = _ftsearch("advise", str(config))  # the user's file is never replaced unasked
+    assert again.returncode == 2 and "--out" in again.stderr and "exists" in again.stderr
+
+
+@pytest.mark.slow
+def test_an_advised_config_runs_with_the_prior_and_its_best_cell_first(tmp_path):
+    raw = {**CONFIG, "storage": str(tmp_path / "runs"),
+           "train": {**CONFIG["train"], "max_steps_per_epoch": 2, "eval_batch_size": 512},
+           "search": {"num_samples": 3, "max_concurrent": 1}}
+    config = write_config(tmp_path / "c.yaml", raw)
+    assert _ftsearch("advise", str(config)).returncode == 0
+    run = subprocess.run([sys.executable, "-m", "search.cli", "run",
+                          str(tmp_path / "c-advised.yaml"), "--set", "search.prior=transferability",
+                          "--set", "search.prior_top=2"],
+                         cwd=ROOT, env=ftsearch_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    directory = tmp_path / "runs" / "rank-advised"
+    ranking = pd.read_parquet(directory / C.TRANSFERABILITY_FILE)
+    said = [line for line in run.stdout.splitlines() if line.startswith("transferability prior")]
+    assert len(said) == 1 and "9 cells ranked" in said[0]
+    trials = pd.read_parquet(directory / C.TRIALS_FILE)
+    in_space = ranking[ranking.in_space].sort_values("rank")
+    first = trials.iloc[0]
+    # the advised small & different space has classical heads: logreg on the best cell
+    assert first["config.head"] == "logreg"
+    assert first["config.features_from"] == in_space.depth.iloc[0]
+    assert trials.iloc[1]["config.features_from"] == in_space.depth.iloc[1]
+    assert len(trials) == 3 and set(trials.status) == {"TERMINATED"}
