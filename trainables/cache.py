@@ -74,8 +74,8 @@ class FrozenFeatures:
     """What a trial trains on when its frozen stages are cached.
 
     Attributes:
-        train: Training activations.
-        val: Validation activations.
+        train: Training activations, in the dtype the frozen stages emit (bf16 under autocast).
+        val: Validation activations, likewise.
         start: Index of the first stage to run on them (the freeze depth).
         path: The cache file.
         build_seconds: Time this trial spent computing the file; 0.0 when it was on disk.
@@ -174,8 +174,14 @@ def frozen_features(
                 log.info("frozen-stage cache %s built in %.1f s (%.0f MB)", path,
                          build_seconds, size_mb)
     train_set, val_set = sets
-    if device.type == "cuda":
-        train_set, val_set = train_set.to(device), val_set.to(device)
+    # The file keeps float32; the uncached trial feeds stages[depth:] the frozen stages' own
+    # output, bf16 under autocast. Handing the cached trial that dtype makes it run the same
+    # kernels on the same values. Fed float32, a head that starts with pooling and dropout
+    # runs them in float32 where the uncached trial ran bf16; on a GPU the two trials' metrics
+    # drifted apart (BENCHMARKS.md, GPU rows of section 4). Pooled features stay float32.
+    dtype = None if pool or opts.out_dtype == torch.float32 else opts.out_dtype
+    if device.type == "cuda" or dtype is not None:
+        train_set, val_set = train_set.to(device, dtype), val_set.to(device, dtype)
     return FrozenFeatures(train=train_set, val=val_set, start=depth, path=path,
                           build_seconds=build_seconds)
 
@@ -274,6 +280,8 @@ class _Compute:
     amp: bool
     channels_last: bool
     pool: bool = False
+    # dtype of the frozen stages' output before it is stored as float32 (set by each run).
+    out_dtype: torch.dtype = torch.float32
 
     def _inputs(self, images: Tensor) -> Tensor:
         x = preprocess(images, resolution=self.resolution, mean=self.model.mean,
@@ -287,6 +295,7 @@ class _Compute:
                 if self.amp and self.device.type == "cuda" else contextlib.nullcontext())
 
     def _finish(self, out: Tensor) -> Tensor:
+        self.out_dtype = out.dtype
         if self.pool and out.ndim == 4:
             out = out.float().mean(dim=(2, 3))
         return out.float().contiguous().cpu()

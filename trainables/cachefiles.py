@@ -58,9 +58,11 @@ class FeatureSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str) -> FeatureSet:
-        """The set with features and labels on ``device`` (moved once, not per batch)."""
-        return FeatureSet(features=self.features.to(device), labels=self.labels.to(device))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FeatureSet:
+        """The set with features (as ``dtype`` when given) and labels on ``device``, moved once,
+        not per batch."""
+        return FeatureSet(features=self.features.to(device, dtype=dtype),
+                          labels=self.labels.to(device))
 
     def batches(
         self,
