@@ -5,17 +5,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Each demo run is a new experiment (runs/demo-<time>), so `make demo` can be repeated.
+# Each demo run is a new experiment (runs/demo-<time>), so `make demo` can be repeated;
+# runs/demo links the newest finished one (the README's snippets read it).
 demo: $(STAMP)
-	$(BIN)/ftsearch run configs/demo.yaml \
-		--name demo-$$(date +%Y%m%d-%H%M%S)
+	@name=demo-$$(date +%Y%m%d-%H%M%S) && \
+		$(BIN)/ftsearch run configs/demo.yaml --name $$name && \
+		{ [ -e runs/demo ] && [ ! -L runs/demo ] || ln -sfn $$name runs/demo; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check search trainables tests benchmarks
@@ -28,3 +30,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# On a CUDA machine: every GPU figure and check (benchmarks/device/gpu_session.sh, each step
+# under its own time limit; BUDGET_S caps the whole run), then the figures into BENCHMARKS.md.
+bench-gpu: $(STAMP)
+	@out=runs/bench-gpu-$$(date +%Y%m%d-%H%M%S) && \
+		OUT=$$out PYTHON=$(BIN)/python bash benchmarks/device/gpu_session.sh && \
+		$(BIN)/python -m benchmarks.device.splice $$out/results.jsonl

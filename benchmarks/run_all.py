@@ -35,6 +35,7 @@ BENCHMARKS = (
     "data_path",
     "gpu_fast_path",
     "search_efficiency",
+    "transferability",
     "pretrained_vs_scratch",
 )
 
@@ -94,7 +95,7 @@ def render(sections: list[Section], *, command: str, seconds: float, smoke: bool
         "",
     ]
     if info["gpu"] == "none":
-        lines += ["**GPU figures are open**: no GPU has been used yet. Run `make bench` on a "
+        lines += ["**GPU figures are open**: no GPU has been used yet. Run `make bench-gpu` on a "
                   "CUDA machine to measure them (the GPU modes are implemented and exercised "
                   "on CPU in CI).", ""]
     lines += ["## Summary", "", "| # | figure | measured | goal | status |",

@@ -322,7 +322,8 @@ def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
     """The end-of-run summary of an experiment, and whether any trial produced a result.
 
     Counts by status, the best trial (:func:`search.contract.best_trial`) and its config,
-    the gain over warm-start points; when nothing finished, the first error, once.
+    the gain over warm-start points, the findings at equal fidelity
+    (:mod:`search.findings`); when nothing finished, the first error, once.
     """
     directory = Path(directory)
     trials = _read_parquet(directory / C.TRIALS_FILE, ("trial_id", "status", "error"))
@@ -359,6 +360,9 @@ def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
             lines.append(f"warm-start baseline {baseline['trial_id']}: top-1 "
                          f"{baseline['best_top1']:.2f}% -> best {best['best_top1']:.2f}% "
                          f"({gain:+.2f} points)")
+    from search.findings import findings, format_findings  # it builds on this module
+
+    lines += format_findings(*findings(load_experiment(directory)))
     if interrupted:
         lines.append(resume)
     lines.append(f"experiment directory: {directory}")

@@ -1,7 +1,9 @@
 """Tune callback on the driver: every result into the :class:`~search.store.ResultsStore`.
 
-It also prints a one-line progress summary (trials running / done / stopped
-early, best top-1 so far, elapsed) whenever a trial ends, and stops a hopeless search:
+It also mirrors the search into the experiment's Optuna study journal
+(:mod:`search.study_journal`, for optuna-dashboard), prints a one-line progress summary
+(trials running / done / stopped early, best top-1 so far, elapsed) when trials end (at most every
+PROGRESS_INTERVAL_S seconds), and stops a hopeless search:
 a trial that fails in setup (``TrialSetupError``, :data:`trainables.metrics.SETUP_FAILURE`:
 weights or data
 that cannot load) fails the same way in every retry and every later trial, so the first
@@ -24,6 +26,7 @@ from ray import tune
 from search.contract import STATUSES, Status
 from search.signing import sign_files, tune_state_files
 from search.store import ResultsStore
+from search.study_journal import StudyJournal
 from trainables import metrics as M
 
 __all__ = ["FailFast", "ParquetCallback"]
@@ -79,6 +82,9 @@ class FailFast(tune.Stopper):
         return self.reason is not None
 
 
+PROGRESS_INTERVAL_S = 10.0  # seconds between two progress lines, at least
+
+
 class ParquetCallback(tune.Callback):
     """Feeds a :class:`ResultsStore` and prints progress.
 
@@ -95,12 +101,13 @@ class ParquetCallback(tune.Callback):
                            "max_epochs": max_epochs, "objectives": list(objectives)}
         self.min_interval_s = min_interval_s
         self._store: ResultsStore | None = None
+        self._study: StudyJournal | None = None
         self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment; the rows live in Parquet. A resumed
         # driver builds new callbacks anyway (search.tuner.restore_tuner).
-        return {**self.__dict__, "_store": None, "_reconciled": False}
+        return {**self.__dict__, "_store": None, "_study": None, "_reconciled": False}
 
     def get_state(self) -> dict | None:
         # Tune calls this while it saves its experiment state, right after writing the
@@ -120,21 +127,30 @@ class ParquetCallback(tune.Callback):
             self._last_write = 0.0
             self._start = time.monotonic()
             self._last_ended: dict[str, int] = {}
+            self._last_line = -PROGRESS_INTERVAL_S
         return self._store
+
+    def _sync_study(self, trial_ids: list[str] | None = None) -> None:
+        # After the store's update, never before: the study is derived from its rows.
+        if self._study is None:
+            self._study = StudyJournal(
+                self.store_args["directory"], objectives=self.store_args["objectives"],
+                param_types=self.store_args["param_types"])
+        self._study.sync(self.store, trial_ids)
 
     def setup(self, **info: Any) -> None:
         self.store  # noqa: B018 - load existing rows before the first result
 
-    def _write(self, force: bool = False) -> None:
+    def _write(self, force: bool = False, final: bool = False) -> None:
         now = time.monotonic()
         # Without a journal (remote storage) the files are the only durable copy.
         force = force or not self.store.durable_on_update
         if force or now - self._last_write >= self.min_interval_s:
             self.store.write()
             self._last_write = now
-            self._progress()
+            self._progress(final)
 
-    def _progress(self) -> None:
+    def _progress(self, final: bool = False) -> None:
         counts = {s: 0 for s in STATUSES}
         for trial in self.store.trials.values():
             counts[trial["status"]] += 1
@@ -143,10 +159,14 @@ class ParquetCallback(tune.Callback):
         best = max(top1) if top1 else None
         elapsed = time.monotonic() - self._start
         ended = {s: n for s, n in counts.items() if s != Status.RUNNING}
-        # One line when a trial ends (not on every epoch): a search's output stays short.
-        if ended == self._last_ended:
+        # One line when trials have ended (not on every epoch), at most one per
+        # PROGRESS_INTERVAL_S: a search of many short trials keeps a short output. The
+        # last one is never held back: it gives the run's final counts.
+        too_soon = not final and elapsed - self._last_line < PROGRESS_INTERVAL_S
+        if ended == self._last_ended or too_soon:
             return
         self._last_ended = ended
+        self._last_line = elapsed
         line = (f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] trials: "
                 f"{counts[Status.RUNNING]} running, {counts[Status.TERMINATED]} done, "
                 f"{counts[Status.STOPPED_EARLY]} stopped early, {counts[Status.ERROR]} errored, "
@@ -160,9 +180,13 @@ class ParquetCallback(tune.Callback):
             self._reconciled = True
             if self.store.forget_unfinished_except({t.trial_id for t in trials}):
                 self._write(force=True)
+            # Catches the study up with the store: what a killed driver did not write,
+            # trials it left RUNNING that ended meanwhile, trials the store just dropped.
+            self._sync_study()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.store.start(trial.trial_id, trial.config)
+        self._sync_study([trial.trial_id])
         self._write()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
@@ -171,6 +195,7 @@ class ParquetCallback(tune.Callback):
             return
         node = result.get("node_id") or result.get("node_ip")
         self.store.record_result(trial.trial_id, trial.config, result, node=node)
+        self._sync_study([trial.trial_id])
         self._write()
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
@@ -181,6 +206,7 @@ class ParquetCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any,
                           **info: Any) -> None:
         self.store.finish(trial.trial_id, interrupted=_cut_short(trial))
+        self._sync_study([trial.trial_id])
         self._write(force=True)
 
     def _check_setup_failure(self, trial: Any) -> str:
@@ -194,10 +220,12 @@ class ParquetCallback(tune.Callback):
         text = self._check_setup_failure(trial)
         if self.fail_fast is not None and self.fail_fast.reason:
             self.store.finish(trial.trial_id, error=text)
+            self._sync_study([trial.trial_id])
             self._write(force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.store.finish(trial.trial_id, error=self._check_setup_failure(trial))
+        self._sync_study([trial.trial_id])
         self._write(force=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -213,4 +241,5 @@ class ParquetCallback(tune.Callback):
                 self.store.finish(trial.trial_id, interrupted=_cut_short(trial))
         # Ctrl-C or SIGTERM: the rest were cut off mid-run; `ftsearch resume` continues them.
         self.store.interrupt_unfinished()
-        self._write(force=True)
+        self._sync_study()
+        self._write(force=True, final=True)

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from search import contract as C
 from search.changes import RESUMABLE_FIELDS
+from search.cliargs import add_override_arguments, config_overrides
 from search.session import job_address
 
 __all__ = ["main"]
-
 
 
 def _fail(message: str, code: int = C.EXIT_BAD_INPUT) -> int:
@@ -24,20 +24,10 @@ def _fail(message: str, code: int = C.EXIT_BAD_INPUT) -> int:
     return code
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` items, then ``--name`` and ``--storage`` as the overrides they stand for."""
-    overrides = list(args.set or [])
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.storage:
-        overrides.append(f"storage={args.storage}")
-    return overrides
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from search.runner import run_search
 
-    return run_search(args.config, overrides=_overrides(args), address=args.address)
+    return run_search(args.config, overrides=config_overrides(args), address=args.address)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -60,7 +50,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     )
 
     try:
-        cfg = load_target(args.target, _overrides(args))
+        cfg = load_target(args.target, config_overrides(args))
     except ConfigError as err:
         return _fail("\n".join(err.problems))
     problems = preflight_problems(cfg, local=True)
@@ -93,10 +83,10 @@ def _cmd_advise(args: argparse.Namespace) -> int:
     if target.exists() and not args.force:
         return _fail(f"--out: {target} exists; give another --out, or --force to replace it")
     try:
-        problems = preflight_problems(load_target(args.target, _overrides(args)), local=True)
+        problems = preflight_problems(load_target(args.target, config_overrides(args)), local=True)
         if problems:
             return _fail("\n".join(problems))
-        advice = advise(args.target, _overrides(args))
+        advice = advise(args.target, config_overrides(args))
     except ConfigError as err:
         return _fail("\n".join(err.problems))
     except RankingError as err:
@@ -172,7 +162,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except FileTargetError as err:
         return _fail(f"--out: {err}")
     from search.analysis import AnalysisError
-    from search.export import ModelFileError, export_model
+    from search.export import export_model, export_summary
+    from search.predict import ModelFileError
 
     try:
         meta = export_model(args.directory, out=args.out, trial_id=args.trial)
@@ -182,15 +173,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return _fail(str(err))
     except OSError as err:  # the write itself (disk full...): --out is as it was
         return _fail(f"--out: {args.out}: not written ({err.strerror or err})", C.EXIT_FAILED)
-    top1 = "" if meta["top1"] is None else f", top-1 {meta['top1']:.2f}%"
-    print(f"exported trial {meta['trial_id']} of {meta['experiment']} (epoch {meta['epoch']}"
-          f"{top1}): {meta['backbone']}, {meta['num_classes']} classes, "
-          f"{meta['resolution']} px -> {args.out}")
+    print(export_summary(meta, out=args.out))
     return C.EXIT_OK
 
 
+def _unreadable(failures: Sequence[tuple[object, str]]) -> int:
+    for path, why in failures:
+        print(f"ftsearch: {path}: cannot read image ({why})", file=sys.stderr)
+    return C.EXIT_BAD_INPUT if failures else C.EXIT_OK
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from search.export import ModelFileError, image_files, load_model, predict
+    from search.predict import ModelFileError, image_files, load_model, predict, prediction_lines
 
     if args.top < 1:
         return _fail(f"--top: must be >= 1 (got {args.top})")
@@ -200,17 +194,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     except ModelFileError as err:
         return _fail(str(err))
     predictions, failures = predict(model, meta, files, top=args.top)
-    for path, classes in predictions:
-        print(f"{path.name}\t" + "\t".join(f"{name} {p:.4f}" for name, p in classes))
-    for path, why in failures:
-        print(f"ftsearch: {path}: cannot read image ({why})", file=sys.stderr)
-    return C.EXIT_BAD_INPUT if failures else C.EXIT_OK
+    for line in prediction_lines(predictions, root=args.path):
+        print(line)
+    return _unreadable(failures)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from search import evaluate as E
+    from search.predict import ModelFileError, load_model
+    from search.storage import FileTargetError
+
+    try:  # before any work: the outputs of an earlier evaluation are not replaced unasked
+        out = E.output_dir(args.out, folder=args.folder, force=args.force)
+    except FileTargetError as err:
+        return _fail(f"--out: {err}")
+    try:
+        model, meta = load_model(args.model)
+        images = E.labelled_images(args.folder, meta["class_names"])  # before inference
+    except ModelFileError as err:
+        return _fail(str(err))
+    result = E.evaluate(model, meta, images)
+    try:
+        written = E.write_evaluation(result, out)
+    except OSError as err:
+        return _fail(f"--out: {out}: not written ({err.strerror or err})", C.EXIT_FAILED)
+    print("\n".join(E.summary_lines(result, meta, written)))
+    return _unreadable(result.unreadable)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from search.jobs import JobsError, submit_search
 
-    overrides = _overrides(args)
+    overrides = config_overrides(args)
     try:
         job_id = submit_search(args.config, address=args.address, overrides=overrides,
                                working_dir=args.working_dir)
@@ -267,10 +282,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a search from a YAML config")
     run.add_argument("config", help="experiment YAML file")
-    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                     help="override a config field (repeatable)")
-    run.add_argument("--name", help="experiment name (overrides `name`)")
-    run.add_argument("--storage", help="results directory or URI (overrides `storage`)")
+    add_override_arguments(run, storage_help="results directory or URI")
     run.add_argument("--address", default=job_address(), help=_ADDRESS_HELP)
     run.set_defaults(func=_cmd_run)
 
@@ -289,10 +301,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "before training (no Ray)")
     rank.add_argument("target", metavar="CONFIG", help="experiment YAML file, or an "
                                                        "experiment directory")
-    rank.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                      help="override a config field (repeatable)")
-    rank.add_argument("--name", help="experiment name (overrides `name`)")
-    rank.add_argument("--storage", help="results directory (overrides `storage`)")
+    add_override_arguments(rank, storage_help="results directory")
     rank.add_argument("--top", type=int, default=None, help="cells shown (default: all)")
     rank.set_defaults(func=_cmd_rank)
 
@@ -303,10 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     advise.add_argument("--out", help="config to write (default: CONFIG's stem + "
                                       "-advised.yaml beside it)")
     advise.add_argument("--force", action="store_true", help="replace --out if it exists")
-    advise.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                        help="override a config field (repeatable)")
-    advise.add_argument("--name", help="experiment name (overrides `name`)")
-    advise.add_argument("--storage", help="results directory (overrides `storage`)")
+    add_override_arguments(advise, storage_help="results directory")
     advise.set_defaults(func=_cmd_advise)
 
     replay = sub.add_parser("replay", help="replay a finished grid experiment as a benchmark "
@@ -345,19 +351,26 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="class probabilities of images, from a model file")
     predict.add_argument("model", help="a file written by `ftsearch export`")
-    predict.add_argument("path", help="an image file, or a folder of images")
+    predict.add_argument("path", help="an image file, or a folder of images (subfolders too)")
     predict.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
     predict.set_defaults(func=_cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="top-1, top-5, per-class accuracy and confusion "
+                                               "matrix of a model file on labelled images")
+    evaluate.add_argument("model", help="a file written by `ftsearch export`")
+    evaluate.add_argument("folder", help="one subfolder of images per class, named as the "
+                                         "model's classes")
+    evaluate.add_argument("--out", help="folder for predictions.csv, per_class.csv, "
+                                        "confusion.png (default: FOLDER-evaluation beside it)")
+    evaluate.add_argument("--force", action="store_true",
+                          help="replace those files where --out holds them")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     submit = sub.add_parser("submit", help="run a search on a Ray cluster, as a Ray job")
     submit.add_argument("config", help="experiment YAML file, inside the uploaded directory")
     submit.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 "
                                           "(default: $RAY_API_SERVER_ADDRESS)")
-    submit.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                        help="override a config field (repeatable)")
-    submit.add_argument("--name", help="experiment name (overrides `name`)")
-    submit.add_argument("--storage", help="results path on the cluster or URI (overrides "
-                                          "`storage`)")
+    add_override_arguments(submit, storage_help="results path on the cluster or URI")
     submit.add_argument("--working-dir", help="directory uploaded as the job's working dir "
                                               "(default: the ftsearch project)")
     submit.set_defaults(func=_cmd_submit)

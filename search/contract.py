@@ -38,6 +38,7 @@ __all__ = [
     "SELECTABLE",
     "SIGNATURES_FILE",
     "STATUSES",
+    "STUDY_JOURNAL_FILE",
     "TRANSFERABILITY_COLUMNS",
     "TRANSFERABILITY_FILE",
     "TRANSFER_SCORE",
@@ -57,6 +58,8 @@ EPOCHS_FILE = "epochs.parquet"
 CONFIG_FILE = "config.yaml"  # the resolved config the search ran with
 # (backbone, depth) cells scored before training: `ftsearch rank`, search.prior.
 TRANSFERABILITY_FILE = "transferability.parquet"
+# The search as an Optuna study (JournalStorage), for `optuna-dashboard`: search.study_journal.
+STUDY_JOURNAL_FILE = "optuna-journal.log"
 # Driver-side bookkeeping, hidden: not results, but what keeps them exactly once and safe.
 JOURNAL_FILE = ".ftsearch-journal.jsonl"  # results not yet in the Parquet files
 LOCK_FILE = ".ftsearch.lock"  # held by the one driver running or resuming the experiment

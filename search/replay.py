@@ -148,8 +148,9 @@ class _Id:
 
 
 def _proposer(grid: Grid, method: Method, seed: int
-              ) -> tuple[Callable[[], Any], Callable[[Any, float], None]]:
-    """(next point, tell) for ``method``; ``next`` returns (handle, point) or None."""
+              ) -> tuple[Callable[[], Any], Callable[[Any, list[float], bool], None]]:
+    """(next point, tell) for ``method``; ``next`` returns (handle, point) or None, ``tell``
+    takes the handle, the top-1 of each epoch the trial ran and whether it was stopped."""
     cfg = grid.cfg.model_copy(update={"seed": seed})
     if method.searcher == "grid":
         order = iter(grid_points(cfg))
@@ -158,7 +159,7 @@ def _proposer(grid: Grid, method: Method, seed: int
             point = next(order, None)
             return None if point is None else (None, point)
 
-        return next_in_grid, lambda handle, value: None
+        return next_in_grid, lambda handle, seen, stopped: None
     searched = cfg.model_copy(update={"search": cfg.search.model_copy(update={
         "algorithm": "optuna" if method.searcher == "tpe" else "random",
         "num_samples": len(grid.curves), "max_concurrent": 1})})
@@ -183,7 +184,17 @@ def _proposer(grid: Grid, method: Method, seed: int
         constants = define(trial)
         return trial, {**trial.params, **constants}
 
-    return next_point, lambda handle, value: study.tell(handle, value)
+    def tell(trial: Any, seen: list[float], stopped: bool) -> None:
+        # As search.tuner's searcher: the epochs seen are intermediate values; a trial the
+        # scheduler stopped is PRUNED (valued by its last epoch), any other COMPLETE.
+        for epoch, top1 in enumerate(seen, start=1):
+            trial.report(top1, epoch)
+        if stopped:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, seen[-1])
+
+    return next_point, tell
 
 
 def replay_search(grid: Grid, method: Method, *, seed: int, budget: int, target: float,
@@ -212,12 +223,14 @@ def replay_search(grid: Grid, method: Method, *, seed: int, budget: int, target:
         if curve is None:
             raise ReplayError(f"the search proposed {point}, which is not a grid point")
         trials += 1
-        last = 0.0
+        seen: list[float] = []
+        stopped = False
         for epoch, top1 in enumerate(curve, start=1):
             if spent + 1 > budget:
                 break
             spent += 1
-            last, best = top1, max(best, top1)
+            seen.append(top1)
+            best = max(best, top1)
             if reached is None and best >= target:
                 reached = spent
             # As search.tuner's ASHA: a trial complete before max_t (a classical head) is
@@ -225,8 +238,10 @@ def replay_search(grid: Grid, method: Method, *, seed: int, budget: int, target:
             if method.scheduler == "asha" and len(curve) == max_t:
                 decision = bracket.on_result(_Id(trials), epoch, top1)
                 if epoch < max_t and decision == "STOP":
+                    stopped = True
                     break
-        tell(handle, last)
+        if seen:
+            tell(handle, seen, stopped)
     return {"best": best, "reached": reached, "trials": trials, "spent": spent,
             "prior_epochs": prior_epochs}
 

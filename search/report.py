@@ -33,14 +33,18 @@ from search.plots import write_plots
 __all__ = ["analyze_experiments", "write_report"]
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
+       padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; max-width: 100%; }
+/* A wide leaderboard or a long path wraps inside its cells instead of pushing the table
+   past the page: at spaces, and at the <wbr> after each _ and / (efficientnet_lite0,
+   STOPPED_EARLY, paths), never inside a number. */
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; overflow-wrap: break-word; }
 th { background: #f0f0f0; } tr.best td { background: #fff3c4; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 figure { margin: 1.5em 0; } figcaption { font-weight: bold; margin-bottom: 0.3em; }
-img { max-width: 100%; border: 1px solid #ddd; }
+img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 .note { color: #555; font-style: italic; }
 .wide { overflow-x: auto; max-width: 100%; }
 """
@@ -50,14 +54,21 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _cell(value: Any) -> str:
+    # Break opportunities inside identifiers and paths: they set a column's narrowest width.
+    return _e(value).replace("_", "_<wbr>").replace("/", "/<wbr>")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
            highlight: int | None = None) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    head = "".join(f"<th>{_cell(h)}</th>" for h in header)
     body = "".join(
         ("<tr class='best'>" if i == highlight else "<tr>")
-        + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
+        + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>"
         for i, row in enumerate(rows))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # The scroll container is the fallback for a table that cannot wrap narrow enough.
+    return (f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            f"</table></div>")
 
 
 def _compute(seconds: float) -> str:
@@ -89,8 +100,7 @@ def _leaderboard_section(board: pd.DataFrame, best: pd.Series | None, top: int) 
     shown = board.head(top)["rank"].tolist()
     highlight = shown.index(best["rank"]) if best is not None and best["rank"] in shown else None
     return (f"<h2>Leaderboard (top {len(table)} of {len(board)} trials, by best validation "
-            f"top-1)</h2><div class='wide'>"
-            + _table(list(table.columns), table.values.tolist(), highlight) + "</div>")
+            f"top-1)</h2>" + _table(list(table.columns), table.values.tolist(), highlight))
 
 
 def _best_section(experiments: Sequence[Experiment], best: pd.Series | None,
@@ -109,10 +119,11 @@ def _best_section(experiments: Sequence[Experiment], best: pd.Series | None,
 
 
 def _importance_section(importances: Sequence[Importance]) -> str:
-    out = "<h2>Hyperparameter importance (for best top-1)</h2>"
+    out = "<h2>Hyperparameter importance (for top-1 at equal fidelity)</h2>"
     for imp in importances:
         title = f"<h3>{_e(imp.experiment)}</h3>" if len(importances) > 1 else ""
-        out += title + f"<p>{imp.finished} finished trials.</p>"
+        out += title + (f"<p>{imp.finished} finished trials; compared at equal fidelity: "
+                        f"{_e(imp.describe_fidelity())}.</p>")
         if imp.values:
             evaluators = list(imp.values)
             params = list(dict.fromkeys(p for v in imp.values.values() for p in v))
@@ -124,7 +135,10 @@ def _importance_section(importances: Sequence[Importance]) -> str:
 
 
 def _figures(images: Mapping[str, Path]) -> str:
-    out = "<h2>Plots</h2>"
+    out = ("<h2>Plots</h2><p class='note'>In every scatter plot a hollow marker is a trial "
+           "stopped early by the scheduler, a cross one that diverged or did not finish. "
+           "Plots against a parameter show top-1 at equal fidelity (the epoch is in their "
+           "titles); the Pareto front uses best top-1, the objective.</p>")
     for title, path in images.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         out += (f"<figure><figcaption>{_e(title)}</figcaption>"
@@ -223,8 +237,8 @@ def analyze_experiments(directories: Sequence[str | Path], *, out: str | Path | 
             (folder / "best.yaml").write_text(best_yaml)
     importances = [param_importance(e) for e in experiments]
     for imp in importances:
-        lines.append(f"\nimportance for best top-1 ({imp.experiment}, {imp.finished} finished "
-                     f"trials):")
+        lines.append(f"\nimportance for top-1 at equal fidelity ({imp.experiment}, "
+                     f"{imp.finished} finished trials): {imp.describe_fidelity()}")
         for evaluator, values in imp.values.items():
             ranked = sorted(values.items(), key=lambda kv: -kv[1])
             lines.append(f"  {evaluator}: " + ", ".join(f"{p} {v:.3f}" for p, v in ranked))

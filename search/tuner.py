@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import optuna
 from ray import tune
 from ray.tune.schedulers import (
     ASHAScheduler,
@@ -160,16 +161,33 @@ def _param_space(cfg: ExperimentConfig, points: list[dict[str, Any]] | None) -> 
 
 
 class _OptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna a diverged trial FAILED.
+    """OptunaSearch that tells Optuna how a trial really ended.
 
-    A diverged trial ends normally with its last finite top-1; reported as
-    COMPLETE it would teach TPE that a NaN-producing region is merely mediocre.
+    A diverged trial ends normally with its last finite top-1; reported as COMPLETE it
+    would teach TPE that a NaN-producing region is merely mediocre: it is FAILED. A trial
+    the scheduler stopped before ``max_t`` epochs is PRUNED, its value the last of the
+    per-epoch values Tune already reported: as COMPLETE, its epoch-1 top-1 would stand
+    beside other trials' final top-1 (a classical head's, say) and TPE would learn that
+    slow starters are bad. Optuna's TPE ranks pruned trials by how far they got.
     """
+
+    def __init__(self, *args: Any, max_t: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_t = max_t
+
+    def _stopped_early(self, result: dict | None) -> bool:
+        max_t = getattr(self, "_max_t", None)  # None in a searcher pickled before it existed
+        return bool(max_t and result and not isinstance(self.metric, list)
+                    and not result.get(M.COMPLETE) and result.get(M.EPOCH, max_t) < max_t)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         if result and result.get(M.DIVERGED):
             result, error = None, True
+        if not error and self._stopped_early(result) and trial_id not in self._completed_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
@@ -198,7 +216,8 @@ def build_searcher(cfg: ExperimentConfig, points: list[dict[str, Any]] | None = 
     space = (make_define_by_run(prior.config(cfg), prior.depth_limits) if prior is not None
              else make_define_by_run(cfg))
     return _OptunaSearch(space=space, metric=metric, mode=mode,
-                         points_to_evaluate=warm or None, sampler=make_sampler(cfg))
+                         points_to_evaluate=warm or None, sampler=make_sampler(cfg),
+                         max_t=cfg.scheduler.max_t or cfg.epochs)
 
 
 def results_store(cfg: ExperimentConfig) -> ResultsStore:

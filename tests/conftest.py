@@ -88,3 +88,32 @@ def tiny_experiment(tmp_path_factory) -> Path:
     proc = run_ftsearch("run", str(config))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "runs" / "tiny"
+
+
+def user_env() -> dict[str, str]:
+    """The environment of a user's shell: none of the variables tests or the Makefile set,
+    and no Ray settings (the product must stay on loopback without them)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("RAY_", "PYTEST_")) and k not in ("OMP_NUM_THREADS",
+                                                                   "PYTHONPATH")}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`make demo` as a user runs it (the real Makefile recipe, the venv this suite runs
+    in), in a scratch copy of the checkout's config: (its folder, the finished process).
+    The experiment is `<folder>/runs/demo`, the link `make demo` leaves."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("demo")
+    (root / "configs").mkdir()
+    shutil.copy2(ROOT / "configs" / "demo.yaml", root / "configs" / "demo.yaml")
+    shutil.copy2(ROOT / "pyproject.toml", root / "pyproject.toml")  # the venv's stamp is newer
+    venv = Path(sys.executable).parent.parent
+    stamp = root / ".installed"  # newer than pyproject.toml: make installs nothing again
+    stamp.touch()
+    proc = subprocess.run(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "demo",
+                           f"VENV={venv}", f"BIN={venv / 'bin'}", f"STAMP={stamp}"],
+                          cwd=root, env=user_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, proc

@@ -30,7 +30,8 @@ def test_every_benchmark_runs_in_smoke_mode_and_writes_the_report(tmp_path):
     for goal in ("tuned / bare", "s per trial", "peak RSS growth", "grid's best",
                  "feature extraction", "half depth", "data time / step time",
                  "trial / bare images/s", "aggregate images/s", "from scratch",
-                 "top-1 − the linear head's top-1", "s per trial / the linear head's"):
+                 "top-1 − the linear head's top-1", "s per trial / the linear head's",
+                 "Kendall tau", "tpe+asha+prior", "best lr_scale", "ftsearch rank"):
         assert any(goal in line for line in summary), goal
     if not torch.cuda.is_available():
         assert "GPU figures are open" in text

@@ -16,6 +16,7 @@ from search.analysis import best_config, leaderboard, load_experiment
 from search.cli import main
 from search.config import dump_config, load_config, parse_config
 from search.contract import pareto_mask
+from search.fidelity import Fidelity
 from search.importance import param_importance
 from search.space import column_types, sample_configs
 from search.store import ResultsStore
@@ -98,7 +99,11 @@ def test_importance_gives_a_value_per_searched_parameter_or_says_too_few(analyze
                                                                          tiny_experiment):
     proc, _ = analyzed
     imp = param_importance(load_experiment(tiny_experiment))
+    # The fidelity it compared trials at is stated, in the CLI output too.
+    assert (f"importance for top-1 at equal fidelity (tiny, {imp.finished} finished trials): "
+            f"{imp.describe_fidelity()}") in proc.stdout
     if imp.finished >= 5:
+        assert imp.fidelity.trials >= 5
         values = imp.values["PED-ANOVA"]
         assert set(values) == SEARCHED
         assert all(v >= 0 for v in values.values())
@@ -138,6 +143,29 @@ def test_both_evaluators_find_the_parameter_that_drives_top1(tmp_path):
         assert set(values) == {"lr", "lr_scale", "optimizer"}
         assert max(values, key=values.get) == "lr"
     assert imp.values["fANOVA"]["lr"] > 0.5
+
+
+def test_importance_compares_trials_at_equal_fidelity_not_what_the_scheduler_cut(tmp_path):
+    # lr_scale sets top-1 at every epoch; optimizer only how long a trial ran (sgd every
+    # epoch, adamw stopped after one). By best top-1 optimizer splits the trials cleanly
+    # (fANOVA gave it 0.94); at the common epoch (4) only sgd trials are compared.
+    rng = np.random.default_rng(0)
+    space = {"lr_scale": {"type": "loguniform", "low": 0.01, "high": 1.0},
+             "optimizer": {"type": "choice", "values": ["sgd", "adamw"]}}
+    trials = []
+    for i in range(20):
+        scale, optimizer = 10 ** rng.uniform(-2, 0), ["sgd", "adamw"][i % 2]
+        curve = [20 + 10 * (np.log10(scale) + 2) + 10 * epoch for epoch in range(4)]
+        trials.append(({"lr_scale": scale, "optimizer": optimizer},
+                       curve if optimizer == "sgd" else curve[:1]))
+    imp = param_importance(load_experiment(write_experiment(tmp_path, "cut", trials,
+                                                            space=space, epochs=4)),
+                           fanova_min_trials=10)
+    assert imp.finished == 20
+    assert imp.fidelity == Fidelity(epoch=4, trials=10, total=20, min_trials=5)
+    assert set(imp.values) == {"PED-ANOVA", "fANOVA"}
+    for values in imp.values.values():
+        assert values["lr_scale"] > 0.9 and values.get("optimizer", 0.0) < 0.1
 
 
 def test_pareto_mask_keeps_the_non_dominated_points():

@@ -203,28 +203,43 @@ def test_gpu_trials_pack_two_per_gpu_and_survive_losing_their_node(cluster, tmp_
         driver = subprocess.Popen([*FTSEARCH, "run", str(config), "--address", c.address],
                                   cwd=ROOT, env=ftsearch_env(), stdout=out,
                                   stderr=subprocess.STDOUT)
+    gpu_nodes = {gpu_node.node_id}
+    most_at_once = 0  # trials RUNNING on one GPU node at the same moment
+
+    def poll() -> dict[str, int] | None:
+        nonlocal most_at_once
+        tables = _read(directory)
+        if tables is None:
+            return None
+        trials, epochs = tables
+        running = trials[(trials.status == "RUNNING") & trials.node.isin(gpu_nodes)]
+        most_at_once = max([most_at_once, *running.node.value_counts().tolist()])
+        done = epochs.groupby("trial_id").epoch.max()
+        here = running[running.node == gpu_node.node_id]
+        return {t: int(done[t]) for t in here.trial_id if t in done and done[t] >= 1}
+
     try:
-        # Wait until two trials run on the GPU node, each with a checkpoint and epochs to go.
-        most_at_once, interrupted = 0, {}
+        # Lose the GPU node while trials are mid-training on it, each with a checkpoint and
+        # epochs to go: two if both run there, else one (on 2 busy cores Ray may start the
+        # second trial's worker late), so the test waits for the pair only while it can.
+        interrupted: dict[str, int] = {}
         deadline = time.monotonic() + 150
         while not interrupted and time.monotonic() < deadline:
             assert driver.poll() is None, log.read_text()[-3000:]
-            tables = _read(directory)
-            if tables is not None:
-                trials, epochs = tables
-                here = trials[(trials.status == "RUNNING") & (trials.node == gpu_node.node_id)]
-                most_at_once = max(most_at_once, len(here))
-                done = epochs.groupby("trial_id").epoch.max()
-                ready = {t: int(done[t]) for t in here.trial_id
-                         if t in done and 1 <= done[t] <= EPOCHS - 2}
-                if len(ready) == 2:
-                    interrupted = ready
+            ready = {t: n for t, n in (poll() or {}).items() if n <= EPOCHS - 2}
+            if len(ready) == 2 or any(n == EPOCHS - 2 for n in ready.values()):
+                interrupted = ready
             time.sleep(0.3)
-        assert interrupted, "no two trials were mid-training on the GPU node:\n" + \
+        assert interrupted, "no trial was mid-training on the GPU node:\n" + \
             log.read_text()[-3000:]
         c.remove_node(gpu_node)
         replacement = c.add_node(**_node_args(temp), **GPU_NODE)
-        driver.wait(timeout=300)
+        gpu_nodes.add(replacement.node_id)
+        deadline = time.monotonic() + 300
+        while driver.poll() is None and time.monotonic() < deadline:
+            poll()
+            time.sleep(0.3)
+        driver.wait(timeout=5)
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -239,8 +254,8 @@ def test_gpu_trials_pack_two_per_gpu_and_survive_losing_their_node(cluster, tmp_
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     assert (epochs.groupby("trial_id").epoch.apply(sorted).map(list)
             == [list(range(1, EPOCHS + 1))] * len(trials)).all()
-    # trials ran on GPU nodes only, at most two at a time on one GPU
-    assert most_at_once == 2
+    # trials ran on GPU nodes only, two at a time on one GPU (never more: 0.5 GPU each)
+    assert most_at_once == 2, output[-3000:]
     assert set(trials.node) <= {gpu_node.node_id, replacement.node_id}
     by_id = trials.set_index("trial_id")
     assert (by_id.loc[list(interrupted), "node"] == replacement.node_id).all()

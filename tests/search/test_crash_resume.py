@@ -3,7 +3,8 @@
 Every kill is ``kill -9`` of the run's whole process group (the driver and the Ray it
 started), as a crashed machine would do it. After the last resume, every result a trial
 reported (read back from Tune's own per-trial ``result.json``) is in epochs.parquet exactly
-once, no temp file is left, and without a scheduler every trial ended TERMINATED.
+once, no temp file is left, without a scheduler every trial ended TERMINATED, and the
+Optuna study journal holds each trial and each epoch once.
 
 The test runs a CI-sized version; the issue's acceptance size (5 random kills and 3 during
 a replace, then a full disk) runs with
@@ -26,9 +27,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from optuna.trial import TrialState
 
 from search.contract import EPOCHS_FILE, JOURNAL_FILE, TRIALS_FILE
+from search.study_journal import FORGOTTEN_ATTR
 from tests.conftest import FTSEARCH, ROOT, TINY, ftsearch_env, run_ftsearch, write_config
+from tests.search.test_dashboard import assert_mirrors_results, journal_ops
 
 pytestmark = pytest.mark.slow
 
@@ -189,6 +193,14 @@ def crash_and_resume(storage: Path, *, kills: int, replace_kills: int, seed: int
     leftovers = [p.name for p in directory.iterdir()
                  if p.name.endswith(".tmp") or p.name == JOURNAL_FILE]
     assert not leftovers
+    # The Optuna study journal (what optuna-dashboard shows) came through the kills too:
+    # each trial created once, each epoch reported once, none left RUNNING.
+    study = assert_mirrors_results(directory, ["top1"], exact_curves=False)
+    assert {t.state for t in study.trials
+            if not t.user_attrs.get(FORGOTTEN_ATTR)} == {TrialState.COMPLETE}
+    created, reports = journal_ops(directory)
+    assert set(created.values()) == {1}, created
+    assert set(reports.values()) == {1}, reports
     return log
 
 

@@ -17,7 +17,7 @@ import torch
 
 from search import contract as C
 from search.cli import main
-from search.export import FORMAT, REQUIRED_KEYS
+from search.predict import FORMAT, REQUIRED_KEYS
 from tests.conftest import ROOT, TINY, ftsearch_env, run_ftsearch, write_val_images
 
 
