@@ -108,6 +108,29 @@ def render(sections: list[Section], *, command: str, seconds: float, smoke: bool
     return "\n".join(lines) + "\n"
 
 
+def split_report(text: str) -> tuple[list[str], list[tuple[str, list[str], str]]]:
+    """A BENCHMARKS.md :func:`render` wrote, split into its header lines and, per section
+    in order, (ref, its summary rows, its text from the ``## `` heading on).
+
+    Raises:
+        ValueError: ``text`` is not such a file, or its summary and sections disagree.
+    """
+    head, found, rest = text.partition("\n## Summary\n")
+    if not found:
+        raise ValueError("no '## Summary' heading: not a BENCHMARKS.md written by run_all")
+    table, _, tail = rest.partition("\n## ")
+    rows = [line for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith(("| # |", "|---"))]
+    chunks = ["## " + c.strip("\n") for c in ("\n" + tail).split("\n## ") if c.strip()]
+    refs = list(dict.fromkeys(row[2:].split(" | ", 1)[0] for row in rows))
+    if len(refs) != len(chunks):
+        raise ValueError(f"{len(chunks)} sections but {len(refs)} refs in the summary: "
+                         f"re-run every benchmark instead")
+    entries = [(ref, [r for r in rows if r[2:].split(" | ", 1)[0] == ref], chunk)
+               for ref, chunk in zip(refs, chunks, strict=True)]
+    return head.rstrip("\n").splitlines(), entries
+
+
 def merge(old: str, sections: list[Section], *, command: str, seconds: float,
           load: tuple[str, str]) -> str:
     """``old`` (a BENCHMARKS.md) with ``sections`` put in place of theirs, the rest kept.
@@ -119,21 +142,10 @@ def merge(old: str, sections: list[Section], *, command: str, seconds: float,
     Raises:
         ValueError: ``old`` is not a file :func:`render` wrote.
     """
-    head, found, rest = old.partition("\n## Summary\n")
-    if not found:
-        raise ValueError("no '## Summary' heading: not a BENCHMARKS.md written by run_all")
-    table, _, tail = rest.partition("\n## ")
-    rows = [line for line in table.splitlines()
-            if line.startswith("| ") and not line.startswith(("| # |", "|---"))]
-    chunks = ["## " + c.strip("\n") for c in ("\n" + tail).split("\n## ") if c.strip()]
-    refs = list(dict.fromkeys(row[2:].split(" | ", 1)[0] for row in rows))
-    if len(refs) != len(chunks):
-        raise ValueError(f"{len(chunks)} sections but {len(refs)} refs in the summary: "
-                         f"re-run every benchmark instead")
+    head, kept = split_report(old)
     new_refs = {s.ref for s in sections}
     new_titles = {s.title for s in sections} | {f"{s.key}: failed" for s in sections}
-    entries = [(ref, [r for r in rows if r[2:].split(" | ", 1)[0] == ref], chunk)
-               for ref, chunk in zip(refs, chunks, strict=True)
+    entries = [(ref, rows, chunk) for ref, rows, chunk in kept
                if ref not in new_refs and chunk.splitlines()[0][3:] not in new_titles]
     info = machine()
     when = datetime.now().astimezone().isoformat(timespec="minutes")
@@ -145,14 +157,18 @@ def merge(old: str, sections: list[Section], *, command: str, seconds: float,
               f"{_machine_line(info)}; those sections carry this date, the others are from the run "
               f"above")
     rerun = {s.key for s in sections}
-    lines = [line for line in head.rstrip("\n").splitlines()
-             if not _superseded(line, rerun)]
+    lines = [line for line in head if not _superseded(line, rerun)]
     at = max((i for i, line in enumerate(lines) if line.startswith("- ")), default=len(lines) - 1)
     lines.insert(at + 1, update)
-    lines += ["", "## Summary", "", "| # | figure | measured | goal | status |",
-              "|---|---|---|---|---|"]
-    for _, entry_rows, _ in entries:
-        lines += entry_rows
+    return join_report(lines, entries)
+
+
+def join_report(head: list[str], entries: list[tuple[str, list[str], str]]) -> str:
+    """The inverse of :func:`split_report`: the header, the summary table, the sections."""
+    lines = [*head, "", "## Summary", "", "| # | figure | measured | goal | status |",
+             "|---|---|---|---|---|"]
+    for _, rows, _ in entries:
+        lines += rows
     for _, _, chunk in entries:
         lines += ["", chunk]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MISS, OPEN, PASS, ROOT, Figure, Section
+from benchmarks.run_all import join_report, split_report
 
 __all__ = ["load_records", "splice"]
 
@@ -50,32 +51,6 @@ def _ok(records: dict[str, Any], key: str) -> dict[str, Any] | None:
 
 def _row(ref: str, f: Figure) -> str:
     return f"| {ref} | {f.name} | {f.value} | {f.goal or '-'} | {f.status} |"
-
-
-def _parse(text: str) -> tuple[list[str], list[tuple[str, list[str], str]]]:
-    head, found, rest = text.partition("\n## Summary\n")
-    if not found:
-        raise ValueError("no '## Summary' heading: not a BENCHMARKS.md written by run_all")
-    table, _, tail = rest.partition("\n## ")
-    rows = [line for line in table.splitlines()
-            if line.startswith("| ") and not line.startswith(("| # |", "|---"))]
-    chunks = ["## " + c.strip("\n") for c in ("\n" + tail).split("\n## ") if c.strip()]
-    refs = list(dict.fromkeys(row[2:].split(" | ", 1)[0] for row in rows))
-    if len(refs) != len(chunks):
-        raise ValueError(f"{len(chunks)} sections but {len(refs)} refs in the summary")
-    entries = [(ref, [r for r in rows if r[2:].split(" | ", 1)[0] == ref], chunk)
-               for ref, chunk in zip(refs, chunks, strict=True)]
-    return head.rstrip("\n").splitlines(), entries
-
-
-def _render(head: list[str], entries: list[tuple[str, list[str], str]]) -> str:
-    lines = [*head, "", "## Summary", "", "| # | figure | measured | goal | status |",
-             "|---|---|---|---|---|"]
-    for _, rows, _ in entries:
-        lines += rows
-    for _, _, chunk in entries:
-        lines += ["", chunk]
-    return "\n".join(lines) + "\n"
 
 
 def _section_one(entry: tuple[str, list[str], str], records: dict[str, Any], gpu: str
@@ -261,7 +236,7 @@ def splice(old: str, records: dict[str, dict[str, Any]], *, command: str,
     gpu = env["gpu"]
     when = records["env"]["started"]
     note = f"; {when[:16]}, `{command}` on {gpu}"
-    head, entries = _parse(old)
+    head, entries = split_report(old)
     gpu_line = (
         f"**GPU figures** (sections 1, 4, 6 and \"GPU checks\"): measured {when[:16]} by "
         f"`{command}` on {gpu} ({_smi(env.get('nvidia_smi', ''))}; {env.get('cores')} CPU cores, "
@@ -287,7 +262,7 @@ def splice(old: str, records: dict[str, dict[str, Any]], *, command: str,
     out.insert(at, checks)
     out = [(ref, rows, chunk + f"\n\n{notes[ref]}" if ref in notes and ref != "header"
             else chunk) for ref, rows, chunk in out]
-    return _render(head, out)
+    return join_report(head, out)
 
 
 def main(argv: list[str] | None = None) -> int:
