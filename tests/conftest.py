@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -117,3 +118,11 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
                           cwd=root, env=user_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root, proc
+
+
+def is_loopback(ip: str) -> bool:
+    """Whether a socket address (as psutil gives it) is on loopback."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
+    return addr.is_loopback

@@ -16,14 +16,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from search.jobs import EXCLUDES, _excluded, _read_token, build_runtime_env, project_root
-from tests.conftest import FTSEARCH, ROOT, ftsearch_env, write_config
+from tests.conftest import FTSEARCH, ROOT, ftsearch_env, is_loopback, write_config
 
 VENV_BIN = Path(sys.executable).parent
 TINY = {
@@ -193,6 +195,12 @@ def ray_head():
     token = secrets.token_hex(24)
     dashboard = _free_port()
     env = {**ftsearch_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           # This cluster stands in for a user's; here it must stay on loopback. Without
+           # this, `ray start` on Linux rewrites --node-ip-address=127.0.0.1 to the machine's
+           # own address (ray._private.services.resolve_ip_for_localhost) and its GCS,
+           # raylet and agents listen and talk there (seen: 192.0.2.2). A single-node head is
+           # all this test needs; a worker node could not join with it.
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            # the job's entrypoint (`python`, `ftsearch`) resolves to this environment
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     ports = {flag: _free_port() for flag in (
@@ -209,13 +217,47 @@ def ray_head():
     head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group, ended below
     url = f"http://127.0.0.1:{dashboard}"
+    watch = _ListenWatch(head.pid)
     try:
         _wait_ready(url, token, head, temp)
+        watch.start()
         yield url, token, temp
+        watch.stop()
+        # Everything the cluster and its jobs started listened on loopback only (and the
+        # watch saw Ray's servers, or it proved nothing).
+        assert len({name for name, _, _ in watch.seen}) >= 3, watch.seen
+        public = sorted(entry for entry in watch.seen if not is_loopback(entry[1]))
+        assert not public, public
     finally:
+        watch.stop()
         _end_group(head)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+class _ListenWatch(threading.Thread):
+    """Records, every half second, the listening sockets of a process group's processes:
+    (name, ip, port)."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__(daemon=True)
+        self.group, self.seen = group, set()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.5):
+            for conn in psutil.net_connections(kind="inet"):
+                if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+                    continue
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    if os.getpgid(conn.pid) == self.group:
+                        self.seen.add((psutil.Process(conn.pid).name(), conn.laddr.ip,
+                                       conn.laddr.port))
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join(timeout=10)
 
 
 def _wait_ready(url: str, token: str, head: subprocess.Popen, temp: Path) -> None:

@@ -7,7 +7,6 @@ whatever keeps Ray on loopback and cleans it up must come from ftsearch itself.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ import psutil
 import pytest
 
 from search.reaper import TAG_VAR, run_processes, spawn_reaper
-from tests.conftest import FTSEARCH, ROOT, TINY, write_config
+from tests.conftest import FTSEARCH, ROOT, TINY, is_loopback, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -116,13 +115,6 @@ def _kill(procs: Iterable[psutil.Process]) -> None:
             proc.kill()  # psutil refuses if the pid now belongs to another process
 
 
-def _is_loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip.split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
-    return addr.is_loopback
-
-
 def _listening(pids: set[int]) -> set[tuple[int, str, int]]:
     found = set()
     for conn in psutil.net_connections(kind="inet"):
@@ -170,7 +162,7 @@ def test_local_run_listens_on_loopback_only_and_prints_no_ray_chatter(tmp_path):
     # the poll saw Ray's servers (GCS, raylet, agents), or it proved nothing
     assert len({pid for pid, _, _ in seen}) >= 3, (seen, names)
     print(f"\nlistening: {sorted((names[pid].split()[1][-40:], ip) for pid, ip, _ in seen)}")
-    public = sorted((names[pid], ip, port) for pid, ip, port in seen if not _is_loopback(ip))
+    public = sorted((names[pid], ip, port) for pid, ip, port in seen if not is_loopback(ip))
     assert not public, public
     last = out.read_text().splitlines()[-10:]
     assert any("best trial" in line for line in last), output
