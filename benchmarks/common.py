@@ -152,6 +152,21 @@ def single_thread() -> Iterator[None]:
 _RAY_STARTED_HERE = False
 
 
+def loopback_only() -> None:
+    """Makes the Ray this process starts next listen and talk on loopback only.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at its first import (here
+    search.tuner has imported it already); enabled, as on Linux by default, it rewrites a
+    node address of 127.0.0.1 to the machine's own. The variable covers the processes Ray
+    starts, the constant this one. ftsearch's own local runs do this in search/session.py,
+    before anything imports ray.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def local_ray() -> None:
     """Starts a loopback Ray in this process once; later calls reuse it."""
     global _RAY_STARTED_HERE
@@ -159,7 +174,7 @@ def local_ray() -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    loopback_only()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Workers import the benchmark trainables by module name.

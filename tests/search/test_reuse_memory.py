@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from benchmarks.common import loopback_only
 from search.config import parse_config
 from search.tuner import build_tuner
 from trainables import metrics as M
@@ -35,9 +34,10 @@ CONFIG = {
 def local_ray():
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    loopback_only()
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
              log_to_driver=False, configure_logging=False)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     yield
     ray.shutdown()
 
