@@ -13,11 +13,12 @@ trial. Other failures (a lost node, OOM on one configuration) retry as configure
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,35 @@ class ParquetCallback(tune.Callback):
         self._store: ResultsStore | None = None
         self._study: StudyJournal | None = None
         self._reconciled = False
+        self._deferred: BaseException | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment; the rows live in Parquet. A resumed
         # driver builds new callbacks anyway (search.tuner.restore_tuner).
-        return {**self.__dict__, "_store": None, "_study": None, "_reconciled": False}
+        return {**self.__dict__, "_store": None, "_study": None, "_reconciled": False,
+                "_deferred": None}
+
+    @contextlib.contextmanager
+    def _raised_at_step_end(self) -> Iterator[None]:
+        """Keeps what a store update raises for :meth:`on_step_end` to raise.
+
+        Tune wraps ``on_trial_complete`` and ``on_checkpoint`` in its own ``except``, which
+        prints a traceback to the console and goes on (a full disk then fails every later
+        write once more). Raised from ``on_step_end`` the error ends ``fit()`` like one from
+        ``on_trial_result``: the runner closes the run out and prints it once. Deferring is
+        safe for these two: what they record (a trial's end, a checkpoint's path) is
+        rebuilt on resume, where an epoch's result would not be.
+        """
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - re-raised at the end of this step
+            if self._deferred is None:
+                self._deferred = err
+
+    def _raise_deferred(self) -> None:
+        if self._deferred is not None:
+            err, self._deferred = self._deferred, None
+            raise err
 
     def get_state(self) -> dict | None:
         # Tune calls this while it saves its experiment state, right after writing the
@@ -201,13 +226,18 @@ class ParquetCallback(tune.Callback):
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
                       **info: Any) -> None:
         top1 = (trial.last_result or {}).get(M.TOP1)
-        self.store.record_checkpoint(trial.trial_id, checkpoint.path, top1=top1)
+        with self._raised_at_step_end():
+            self.store.record_checkpoint(trial.trial_id, checkpoint.path, top1=top1)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any,
                           **info: Any) -> None:
-        self.store.finish(trial.trial_id, interrupted=_cut_short(trial))
-        self._sync_study([trial.trial_id])
-        self._write(force=True)
+        with self._raised_at_step_end():
+            self.store.finish(trial.trial_id, interrupted=_cut_short(trial))
+            self._sync_study([trial.trial_id])
+            self._write(force=True)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._raise_deferred()
 
     def _check_setup_failure(self, trial: Any) -> str:
         text = _error_text(trial)
@@ -229,6 +259,7 @@ class ParquetCallback(tune.Callback):
         self._write(force=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._raise_deferred()
         # Trials the search stopped without a result of theirs (fail-fast, time budget)
         # end with the experiment; none stays RUNNING in trials.parquet.
         for trial in trials:
