@@ -25,6 +25,7 @@ from trainables.params import (
     CLASSICAL_HEADS,
     EFFICIENTNET_KEYS,
     HEAD_PARAMS,
+    PROBE_C,
     TRIAL_PARAMS,
     TrialParams,
     field_problems,
@@ -154,8 +155,11 @@ def _head_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
                                 f"'none', so every trial uses "
                                 f"{'head linear' if key == 'head' else 'freeze_depth 0'}; "
                                 f"give pretrained weights or fix it")
+    probe = "linear" in heads and "probe" in (_choices(cfg, "head_init") or [])
     for head, keys in HEAD_PARAMS.items():
         for key in keys:
+            if key == PROBE_C and probe:
+                continue  # also sets the probe's regularisation
             if _given(cfg, key) and head not in heads:
                 problems.append(f"{_where(cfg, key)}: applies to head {head!r} only; the "
                                 f"heads here are {heads}")

@@ -45,6 +45,7 @@ __all__ = [
     "HEADS",
     "HEAD_PARAMS",
     "OPTIMIZERS",
+    "PROBE_C",
     "SVM_KERNELS",
     "TRAINING_PARAMS",
     "TRIAL_PARAMS",
@@ -72,6 +73,9 @@ HEAD_PARAMS: dict[str, tuple[str, ...]] = {
     "svm": ("svm_kernel", "svm_c", "svm_gamma"),
     "xgboost": ("xgb_n_estimators", "xgb_max_depth", "xgb_learning_rate", "xgb_subsample"),
 }
+# The inverse L2 strength of a logistic regression: the logreg head's, and the one that
+# fits LP-FT's probe (``head_init: probe``) for the linear head.
+PROBE_C = "logreg_c"
 # Parameters of training by SGD: a classical head has no epochs, rates or batches.
 TRAINING_PARAMS = ("lr", "lr_scale", "layer_decay", "unfreeze_at_epoch", "head_init",
                    "optimizer", "momentum", "weight_decay", "batch_size", "epochs",
@@ -286,6 +290,8 @@ def param_applies(name: str, config: Mapping[str, Any]) -> bool:
         return pretrained and (name == "head" or head == "linear")
     if name == "features_from":
         return head in CLASSICAL_HEADS
+    if name == PROBE_C:  # the logistic regression of a logreg head, or of LP-FT's probe
+        return head == "logreg" or (head == "linear" and chosen("head_init") == "probe")
     for owner, names in HEAD_PARAMS.items():
         if name in names:
             return head == owner and (name != "svm_gamma" or chosen("svm_kernel") == "rbf")

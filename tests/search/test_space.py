@@ -145,3 +145,29 @@ def test_a_searched_head_is_linear_for_random_weights(tmp_path):
     assert {c["head"] for c in configs if c["backbone"] == "resnet18"} == {"linear"}
     assert all(c["freeze_depth"] == 0 for c in configs if c["backbone"] == "resnet18")
     assert "svm" in {c["head"] for c in configs if c["backbone"] == "efficientnet_lite0"}
+
+
+@pytest.mark.parametrize("algorithm", ["optuna", "random"])
+def test_lp_ft_is_searched_like_any_choice_and_its_probe_takes_logreg_c(tmp_path, algorithm):
+    space = {"backbone": "efficientnet_lite0",
+             "head": {"type": "choice", "values": ["linear", "svm"]},
+             "head_init": {"type": "choice", "values": ["random", "probe"]},
+             "logreg_c": {"type": "loguniform", "low": 0.1, "high": 10},
+             "lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}
+    cfg = _cfg(tmp_path, space, weights="packaged", algorithm=algorithm)
+    configs = sample_configs(cfg, 40)
+    linear = [c for c in configs if c["head"] == "linear"]
+    assert {c["head_init"] for c in linear} == {"random", "probe"}
+    for c in configs:
+        # head_init belongs to the SGD-trained linear head; logreg_c to its probe only.
+        assert ("head_init" in c) == (c["head"] == "linear"), c
+        assert ("logreg_c" in c) == (c.get("head_init") == "probe"), c
+    assert column_types(cfg)["head_init"] == "string"
+
+
+def test_logreg_c_without_a_logreg_head_or_a_probe_is_refused(tmp_path):
+    space = {"backbone": "efficientnet_lite0",
+             "head": {"type": "choice", "values": ["linear", "svm"]},
+             "logreg_c": {"type": "loguniform", "low": 0.1, "high": 10}}
+    with pytest.raises(ValueError, match="space.logreg_c: applies to head 'logreg' only"):
+        _cfg(tmp_path, space, weights="packaged")
