@@ -317,6 +317,27 @@ def _first_line(error: str) -> str:
     return first.split(f"{M.SETUP_FAILURE}: ", 1)[-1]
 
 
+def _against_baseline(directory: Path, baseline: pd.Series, best: pd.Series) -> str:
+    """The best trial against a warm-start point's trial, both at one epoch.
+
+    A scheduler may have stopped the baseline after 2 epochs while the best ran 6: the
+    gain is read where both are measured (:mod:`search.fidelity`), not across fidelities.
+    """
+    from search.fidelity import TOP1_AT, equal_fidelity
+
+    if baseline["trial_id"] == best["trial_id"]:
+        return (f"warm-start baseline {baseline['trial_id']} is the best trial: nothing the "
+                f"search tried beat it")
+    pair = pd.DataFrame([baseline, best])
+    cut = pair.loc[pair["status"] != C.Status.TERMINATED, "epochs"]
+    epoch = int(cut.min() if not cut.empty else pair["epochs"].max())
+    epochs = _read_parquet(directory / C.EPOCHS_FILE, ("trial_id", M.EPOCH, M.TOP1))
+    at = equal_fidelity(pair, epochs, epoch=epoch)[0].set_index("trial_id")[TOP1_AT]
+    was, now = at[baseline["trial_id"]], at[best["trial_id"]]
+    return (f"warm-start baseline {baseline['trial_id']}: top-1 {was:.2f}% -> best "
+            f"{now:.2f}% ({now - was:+.2f} points, both up to epoch {epoch})")
+
+
 def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
                 ) -> tuple[list[str], bool]:
     """The end-of-run summary of an experiment, and whether any trial produced a result.
@@ -356,10 +377,7 @@ def run_summary(directory: str | Path, points: Sequence[Mapping[str, Any]] = ()
     for point in points:
         baseline = _matching_trial(finished, point)
         if baseline is not None:
-            gain = best["best_top1"] - baseline["best_top1"]
-            lines.append(f"warm-start baseline {baseline['trial_id']}: top-1 "
-                         f"{baseline['best_top1']:.2f}% -> best {best['best_top1']:.2f}% "
-                         f"({gain:+.2f} points)")
+            lines.append(_against_baseline(directory, baseline, best))
     from search.findings import findings, format_findings  # it builds on this module
 
     lines += format_findings(*findings(load_experiment(directory)))

@@ -1,12 +1,13 @@
 """What a search found for the fine-tuning questions, from its own Parquet files.
 
 The end-of-run summary (and ``ftsearch analyze``) answers, when the space asked them:
-pretrained vs from scratch, the best freeze depth, the best backbone/head learning-rate
-ratio (``lr_scale``) and the best head. Every answer is read at one common epoch
-(:mod:`search.fidelity`): a trial the scheduler stopped after one epoch is not compared
-with one that ran to the end. Each answer carries its evidence (trials per group at that
-epoch, and those stopped before it); an answer resting on one trial per side says so, and
-groups within :data:`TIE_POINTS` of each other are called a tie, not a winner.
+pretrained vs from scratch, the best freeze depth (of the pretrained trials fine-tuned with
+the linear head), the best backbone/head learning-rate ratio (``lr_scale``) and the best
+head (a classical one named with the stage its best trial read). Every answer is read at
+one common epoch (:mod:`search.fidelity`): a trial the scheduler stopped after one epoch is
+not compared with one that ran to the end. Each answer carries its evidence (trials per
+group at that epoch, and those stopped before it); an answer resting on one trial per side
+says so, and groups within :data:`TIE_POINTS` of each other are called a tie, not a winner.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _groups(measured: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
     """Best top-1 and trial count per label, best first."""
     frame = pd.DataFrame({"label": labels, "top1": measured[TOP1_AT]}).dropna()
     table = frame.groupby("label").top1.agg(["max", "size"])
-    return table.sort_values("max", ascending=False)
+    # Stable: equal best values keep the labels' order (the smaller depth, band... first).
+    return table.sort_values("max", ascending=False, kind="stable")
 
 
 def _who(n: int) -> str:
@@ -146,8 +148,11 @@ def findings(exp: Experiment, *, min_trials: int | None = None
     everything = pd.Series(True, index=trials.index)
     ask("pretrained vs from scratch", everything,
         pretrained.map({True: "pretrained", False: "from scratch"}), str)
-    # Freezing is a question for pretrained weights only (random ones are never frozen).
-    ask("freeze depth", pretrained, depth, lambda d: f"depth {d}")
+    # Freezing is a question for pretrained weights only (random ones are never frozen), and
+    # for fine-tuning: a classical head freezes every stage it reads (its depth is the stage
+    # its features come from), so it answers "which stage's features", under "head" below.
+    linear = head == "linear"
+    ask("freeze depth", pretrained & linear, depth, lambda d: f"depth {d}")
     # The 1/10 rule protects pretrained weights; lr_scale acts only where some pretrained
     # stage trains under the linear head (a network from scratch has nothing to protect).
     stages = backbone.map(stage_count)
@@ -160,8 +165,16 @@ def findings(exp: Experiment, *, min_trials: int | None = None
             band.astype(object), lambda b: f"lr_scale {b}",
             why_not="{} trial(s) trained pretrained stages with the linear head, all in one "
                     "lr_scale band")
-    ask("head", pretrained, head, str)
+    ask("head", pretrained, head, _head_names(measured, head, depth))
     return fidelity, out
+
+
+def _head_names(measured: pd.DataFrame, head: pd.Series, depth: pd.Series
+                ) -> Callable[[Any], str]:
+    """Names a head in an answer; a classical head with the stage of its best trial."""
+    best = measured[TOP1_AT].groupby(head.reindex(measured.index)).idxmax()
+    stage = {h: int(depth[i]) for h, i in best.items() if h != "linear"}
+    return lambda h: f"{h} (stage {stage[h]} features)" if h in stage else str(h)
 
 
 def format_findings(fidelity: Fidelity | None, answers: list[Finding]) -> list[str]:
