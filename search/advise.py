@@ -103,14 +103,21 @@ def _depths(fraction: tuple[float, float], n: int) -> tuple[int, int]:
 
 
 def _narrow(entry: Any, low: float, high: float, *, kind: str) -> dict[str, Any]:
-    """``{type: kind, low, high}`` within a user's range of the same parameter, if any."""
+    """``{type: kind, low, high}`` within a user's range of the same parameter, if any.
+
+    The user's other settings of that range (``step``, ``grid_points``) are kept: a grid
+    stays a grid of as many points.
+    """
+    kept: dict[str, Any] = {}
     if isinstance(entry, Mapping) and entry.get("type") in ("int", "uniform", "loguniform"):
         lo, hi = max(low, entry["low"]), min(high, entry["high"])
         if lo <= hi and not (kind == "loguniform" and lo == hi):
             low, high = lo, hi
+        if entry["type"] == kind:
+            kept = {k: v for k, v in entry.items() if k not in ("type", "low", "high")}
     if kind == "int":
-        return {"type": "int", "low": int(low), "high": int(high)}
-    return {"type": kind, "low": float(f"{low:.6g}"), "high": float(f"{high:.6g}")}
+        return {"type": "int", "low": int(low), "high": int(high), **kept}
+    return {"type": kind, "low": float(f"{low:.6g}"), "high": float(f"{high:.6g}"), **kept}
 
 
 def _describe(entry: Any) -> str:

@@ -13,6 +13,7 @@ import yaml
 from search import contract as C
 from search.config import load_config
 from search.preflight import preflight_problems
+from search.transfer import kendall_tau
 from tests.conftest import ROOT, ftsearch_env, write_config
 
 CONFIG = {
@@ -59,6 +60,11 @@ def test_rank_prints_the_ranked_cells_and_writes_the_contract_file_without_ray(r
     # each printed cell line is a row, best first
     shown = [line.split() for line in lines[1:10]]
     assert [int(s[2].split("/")[0]) for s in shown] == list(table.depth)
+    # each cell's scoring seconds, then the backbone's total: what the ranking cost
+    assert [float(s[-1]) for s in shown] == pytest.approx(list(table.score_seconds), abs=0.006)
+    total = next(line for line in lines if line.startswith("efficientnet_lite0 (packaged"))
+    assert total.endswith(f"{table.backbone_seconds.iloc[0]:.1f} s in all")
+    assert table.backbone_seconds.iloc[0] >= table.feature_seconds.iloc[0] > 0
     via_sql = duckdb.sql(f"SELECT depth FROM '{directory / C.TRANSFERABILITY_FILE}' "
                          f"WHERE rank = 1").fetchall()[0][0]
     assert via_sql == table.depth.iloc[0]
@@ -128,6 +134,11 @@ def test_an_advised_config_runs_with_the_prior_and_its_best_cell_first(tmp_path)
            "search": {"num_samples": 3, "max_concurrent": 1}}
     config = write_config(tmp_path / "c.yaml", raw)
     assert _ftsearch("advise", str(config)).returncode == 0
+    # advise put the ranking's best cells into points_to_evaluate; without them, the order
+    # below can come from the run's own prior only.
+    advised = yaml.safe_load((tmp_path / "c-advised.yaml").read_text())
+    assert advised["search"].pop("points_to_evaluate")
+    write_config(tmp_path / "c-advised.yaml", advised)
     run = subprocess.run([sys.executable, "-m", "search.cli", "run",
                           str(tmp_path / "c-advised.yaml"), "--set", "search.prior=transferability",
                           "--set", "search.prior_top=2"],
@@ -146,3 +157,12 @@ def test_an_advised_config_runs_with_the_prior_and_its_best_cell_first(tmp_path)
     assert first["config.features_from"] == in_space.depth.iloc[0]
     assert trials.iloc[1]["config.features_from"] == in_space.depth.iloc[1]
     assert len(trials) == 3 and set(trials.status) == {"TERMINATED"}
+
+
+def test_kendall_tau_counts_concordant_and_discordant_cell_pairs():
+    cells = pd.DataFrame({C.TRANSFER_SCORE: [0.1, 0.2, 0.3, 0.4],
+                          "best_top1": [50.0, 60.0, 80.0, 70.0]})
+    # 6 pairs, one discordant (the last two): (5 - 1) / 6
+    assert kendall_tau(cells) == pytest.approx(4 / 6)
+    assert kendall_tau(cells.assign(best_top1=-cells.best_top1)) == pytest.approx(-4 / 6)
+    assert kendall_tau(cells.head(2)) != kendall_tau(cells.head(2))  # NaN: too few cells
