@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 
 # Each demo run is a new experiment (runs/demo-<time>), so `make demo` can be repeated;
 # runs/demo links the newest finished one (the README's snippets read it).
+# DEMO_ARGS: extra `ftsearch run` arguments (`--set KEY=VALUE`...), e.g. a smaller demo.
 demo: $(STAMP)
 	@name=demo-$$(date +%Y%m%d-%H%M%S) && \
-		$(BIN)/ftsearch run configs/demo.yaml --name $$name && \
-		{ [ -e runs/demo ] && [ ! -L runs/demo ] || ln -sfn $$name runs/demo; }
+		$(BIN)/ftsearch run configs/demo.yaml --name $$name $(DEMO_ARGS) && \
+		if [ -e runs/demo ] && [ ! -L runs/demo ]; then \
+			echo "runs/demo is your own folder, so it was not replaced by a link to runs/$$name"; \
+		else ln -sfn $$name runs/demo; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check search trainables tests benchmarks

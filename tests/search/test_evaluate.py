@@ -18,7 +18,7 @@ from PIL import Image
 from search import contract as C
 from search.cli import main
 from search.evaluate import OUTPUTS, Evaluation, evaluate
-from tests.conftest import TINY, write_val_images
+from tests.conftest import TINY
 
 # Read back as written: class names stay strings ("0", not 0), flags "True"/"False"/"".
 _TEXT = {name: str for name in ("path", "true_class", "predicted_class", "correct", "in_top5",
@@ -40,15 +40,32 @@ def meta(model_file) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def class_tree(tmp_path_factory, meta) -> Path:
-    """The tiny search's validation images as <class name>/<index>_<label>.png."""
-    flat = write_val_images(tmp_path_factory.mktemp("digits_flat"), TINY["data"], TINY["seed"])
+def class_tree(tiny_experiment, tmp_path_factory) -> Path:
+    """The tiny search's validation images as <class name>/<index>.png: `ftsearch images`."""
     root = tmp_path_factory.mktemp("digits_tree") / "val"
-    for image in sorted(flat.iterdir()):
-        folder = root / meta["class_names"][int(image.stem.split("_")[1])]
-        folder.mkdir(parents=True, exist_ok=True)
-        image.rename(folder / image.name)
+    assert main(["images", str(tiny_experiment), "--out", str(root)]) == C.EXIT_OK
     return root
+
+
+def test_images_writes_the_split_every_trial_got(class_tree, meta):
+    from trainables.data import load_data
+
+    val = load_data(TINY["data"], seed=TINY["seed"]).val
+    assert sorted(p.name for p in class_tree.iterdir()) == sorted(meta["class_names"])
+    files = sorted(class_tree.rglob("*.png"), key=lambda p: p.name)
+    assert len(files) == len(val)
+    labels = [meta["class_names"].index(p.parent.name) for p in files]
+    assert labels == val.labels.tolist()  # <index>.png in the split's order, in its class
+    first = np.asarray(Image.open(files[0]))
+    assert (first == val.images[0].permute(1, 2, 0).numpy()).all()
+
+
+def test_images_never_writes_into_a_folder_that_holds_files(class_tree, tiny_experiment,
+                                                            capsys):
+    before = _relative_images(class_tree)
+    assert main(["images", str(tiny_experiment), "--out", str(class_tree)]) == C.EXIT_BAD_INPUT
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert _relative_images(class_tree) == before
 
 
 @pytest.fixture(scope="module")
