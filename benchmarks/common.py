@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 __all__ = [
     "DEMO_DATA",
+    "DEMO_TRAIN",
     "INFO",
     "MISS",
     "OPEN",
@@ -38,8 +40,13 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-# The demo's data (configs/demo.yaml): scikit-learn's digits, 30 training images per class.
-DEMO_DATA = {"source": "digits", "samples_per_class": 30, "val_fraction": 0.3}
+# The demo's data, read from configs/demo.yaml (scikit-learn's digits, a few training
+# images per class): the figures speak of the data `make demo` searches.
+_DEMO = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+DEMO_DATA: dict[str, Any] = _DEMO["data"]
+# Its fixed SGD settings (epochs, batch size, optimizer, warm-up, weight decay...).
+DEMO_TRAIN: dict[str, Any] = {k: v for k, v in _DEMO["train"].items()
+                              if k not in ("weights", "resolution")}
 
 PASS, MISS, OPEN, INFO = "PASS", "MISS", "OPEN", "INFO"
 
@@ -200,10 +207,13 @@ def experiment(storage: Path, name: str, *, train: dict[str, Any], space: dict[s
                search: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
                resources: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
                seed: int = 0) -> Any:
-    """A validated ftsearch experiment config (``search.config.parse_config``)."""
+    """A validated ftsearch experiment config (``search.config.parse_config``), written to
+    its directory's config.yaml as ``ftsearch run`` does before its tuner starts (the study
+    journal for optuna-dashboard reads it)."""
+    from search.changes import write_config
     from search.config import parse_config
 
-    return parse_config({
+    cfg = parse_config({
         "name": name,
         "storage": str(storage),
         "seed": seed,
@@ -214,6 +224,9 @@ def experiment(storage: Path, name: str, *, train: dict[str, Any], space: dict[s
         "scheduler": scheduler or {"type": "none"},
         "resources": resources or {"cpu": 1, "gpu": 0},
     })
+    Path(cfg.directory).mkdir(parents=True, exist_ok=True)
+    write_config(cfg)
+    return cfg
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

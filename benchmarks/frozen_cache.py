@@ -1,6 +1,6 @@
 """Goal 4, frozen-stage cache: epoch time with and without it, at two freeze depths.
 
-The demo task (digits, 30 training images per class, 64 px) with the demo's pretrained
+The demo task (configs/demo.yaml's data: digits, 64 px) with the demo's pretrained
 backbone, efficientnet_lite0: ``run_trial`` uncached, then the cache file built (from the
 trial's own model and data, timed apart), then ``run_trial`` cached (``cache_dir`` set; it
 must reuse that file), at feature-extraction depth (all 9 stages frozen) and at half depth

@@ -35,8 +35,8 @@ BENCHMARKS = (
     "data_path",
     "gpu_fast_path",
     "search_efficiency",
-    "transferability",
     "pretrained_vs_scratch",
+    "demo",
 )
 
 
