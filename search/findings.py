@@ -33,6 +33,8 @@ TIE_POINTS = 1.0
 _SCALE_BANDS = ((0.0, 0.03, "< 1/30"), (0.03, 0.3, "1/30..1/3 (~1/10)"),
                 (0.3, float("inf"), ">= 1/3 (~1)"))
 _SHOWN = 4  # groups listed in an answer's evidence
+# Settings whose difference between two compared trials the evidence names.
+_CONTEXT = ("backbone", "head", "freeze_depth", "lr", "lr_scale")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,15 @@ def _values(exp: Experiment, trials: pd.DataFrame, name: str) -> pd.Series:
 def _groups(measured: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
     """Best top-1 and trial count per label, best first."""
     frame = pd.DataFrame({"label": labels, "top1": measured[TOP1_AT]}).dropna()
-    table = frame.groupby("label").top1.agg(["max", "size"])
+    table = frame.groupby("label").top1.agg(["max", "size", "idxmax"])
     # Stable: equal best values keep the labels' order (the smaller depth, band... first).
     return table.sort_values("max", ascending=False, kind="stable")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+    return a == b
 
 
 def _who(n: int) -> str:
@@ -124,8 +132,21 @@ def findings(exp: Experiment, *, min_trials: int | None = None
     depth = _values(exp, trials, "freeze_depth").fillna(0).astype(int)
     out: list[Finding] = []
 
+    def confounded(table: pd.DataFrame, own: tuple[str, ...]) -> str:
+        """Which other settings the two compared groups' best trials also differ in: the
+        gap is theirs too, not the question's alone."""
+        if len(table) < 2:
+            return ""
+        a, b = table["idxmax"].iloc[0], table["idxmax"].iloc[1]
+        columns = [C.CONFIG_PREFIX + k for k in _CONTEXT if k not in own]
+        # A setting one of them does not have (a classical head's lr) is not a difference.
+        differ = [c.removeprefix(C.CONFIG_PREFIX) for c in columns if c in trials.columns
+                  and pd.notna(trials.at[a, c]) and pd.notna(trials.at[b, c])
+                  and not _same(trials.at[a, c], trials.at[b, c])]
+        return f"; their best trials also differ in {', '.join(differ)}" if differ else ""
+
     def ask(question: str, mask: pd.Series, labels: pd.Series, name: Callable[[Any], str],
-            *, why_not: str = "") -> None:
+            *, own: tuple[str, ...], why_not: str = "") -> None:
         if labels[mask].nunique() < 2:
             if why_not:  # searched, but the trials cannot answer it
                 out.append(Finding(question, "not answered", why_not.format(int(mask.sum()))))
@@ -141,18 +162,21 @@ def findings(exp: Experiment, *, min_trials: int | None = None
                     note = (f"; at epoch {epoch}, the last both sides reached"
                             + _stopped(rows, mask))
                     break
-        finding = _compare(question, _groups(rows, labels.reindex(rows.index)), name, note)
+        table = _groups(rows, labels.reindex(rows.index))
+        finding = _compare(question, table, name, note + confounded(table, own))
         if finding is not None:
             out.append(finding)
 
     everything = pd.Series(True, index=trials.index)
     ask("pretrained vs from scratch", everything,
-        pretrained.map({True: "pretrained", False: "from scratch"}), str)
+        pretrained.map({True: "pretrained", False: "from scratch"}), str,
+        own=("backbone", "weights", "head", "freeze_depth"))
     # Freezing is a question for pretrained weights only (random ones are never frozen), and
     # for fine-tuning: a classical head freezes every stage it reads (its depth is the stage
     # its features come from), so it answers "which stage's features", under "head" below.
     linear = head == "linear"
-    ask("freeze depth", pretrained & linear, depth, lambda d: f"depth {d}")
+    ask("freeze depth", pretrained & linear, depth, lambda d: f"depth {d}",
+        own=("freeze_depth",))
     # The 1/10 rule protects pretrained weights; lr_scale acts only where some pretrained
     # stage trains under the linear head (a network from scratch has nothing to protect).
     stages = backbone.map(stage_count)
@@ -162,10 +186,11 @@ def findings(exp: Experiment, *, min_trials: int | None = None
         band = pd.cut(scale, [lo for lo, _, _ in _SCALE_BANDS] + [float("inf")], right=False,
                       labels=[label for _, _, label in _SCALE_BANDS])
         ask("backbone/head lr ratio (lr_scale)", trains_backbone & scale.notna(),
-            band.astype(object), lambda b: f"lr_scale {b}",
+            band.astype(object), lambda b: f"lr_scale {b}", own=("lr_scale",),
             why_not="{} trial(s) trained pretrained stages with the linear head, all in one "
                     "lr_scale band")
-    ask("head", pretrained, head, _head_names(measured, head, depth))
+    ask("head", pretrained, head, _head_names(measured, head, depth),
+        own=("head", "freeze_depth", "lr", "lr_scale"))
     return fidelity, out
 
 
