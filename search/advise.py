@@ -95,6 +95,7 @@ class Advice:
     changes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     first: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _depths(fraction: tuple[float, float], n: int) -> tuple[int, int]:
@@ -172,18 +173,20 @@ def advise(target: str | Path, overrides: Sequence[str] = ()) -> Advice:
     pretrained = sorted({b for b in table.backbone})
     space, changes = _advised_space(raw.get("space") or {}, q,
                                     [stage_count(b) for b in pretrained])
-    advised = {**raw, "name": f"{cfg.name}-advised", "space": space}
-    new_cfg = _parse(advised)
-    prior = build_prior(new_cfg, table)
-    kept = [p for p in (raw.get("search") or {}).get("points_to_evaluate") or []
-            if _valid_point(advised, p)]
-    advised["search"] = {**(raw.get("search") or {}),
-                         "points_to_evaluate": prior.points + [p for p in kept
-                                                               if p not in prior.points]}
+    search = raw.get("search") or {}
+    # The user's points are checked against the narrowed space one by one, below: a point
+    # outside it (3 stages frozen where the quadrant says 0..2) is left out, not an error.
+    advised = {**raw, "name": f"{cfg.name}-advised", "space": space,
+               "search": {**search, "points_to_evaluate": []}}
+    prior = build_prior(_parse(advised), table)
+    kept = [p for p in search.get("points_to_evaluate") or [] if _valid_point(advised, p)]
+    advised["search"] = {**search, "points_to_evaluate": prior.points + [
+        p for p in kept if p not in prior.points]}
     _parse(advised)
     return Advice(quadrant=q, per_class=per_class, train_images=int(best.train_images),
                   classes=int(best.classes), confidence=confidence, changes=changes,
-                  config=advised, first=prior.points)
+                  config=advised, first=prior.points,
+                  dropped=[p for p in search.get("points_to_evaluate") or [] if p not in kept])
 
 
 def _parse(raw: Mapping[str, Any]) -> ExperimentConfig:
@@ -218,6 +221,8 @@ def advice_text(advice: Advice, *, out: Path) -> list[str]:
         "  first trials (transferability ranking): "
         + ("; ".join(", ".join(f"{k} {v}" for k, v in p.items()) for p in advice.first)
            or "none"),
+        *["  left out of points_to_evaluate (outside the advised space): "
+          + ", ".join(f"{k} {v}" for k, v in p.items()) for p in advice.dropped],
         f"wrote {out} (run it: ftsearch run {out})",
     ]
 

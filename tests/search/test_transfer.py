@@ -101,8 +101,10 @@ def test_rank_of_an_experiment_without_pretrained_backbones_names_the_cause(tmp_
 @pytest.mark.parametrize(("per_class", "size"), [(10, "small"), (None, "large")])
 def test_advise_moves_quadrant_with_data_size_and_writes_a_runnable_config(tmp_path, per_class,
                                                                             size):
+    mine = [{"backbone": "efficientnet_lite0", "freeze_depth": d, "lr": 0.01} for d in (0, 4)]
     raw = {**CONFIG, "storage": str(tmp_path / "runs"),
-           "data": {**CONFIG["data"], "samples_per_class": per_class}}
+           "data": {**CONFIG["data"], "samples_per_class": per_class},
+           "search": {**CONFIG["search"], "points_to_evaluate": mine}}
     config = write_config(tmp_path / "c.yaml", raw)
     proc = _ftsearch("advise", str(config))
     assert proc.returncode == 0, proc.stderr
@@ -121,7 +123,12 @@ def test_advise_moves_quadrant_with_data_size_and_writes_a_runnable_config(tmp_p
     assert advised.space["head"].values == (["linear", "logreg", "svm"] if size == "small"
                                             else ["linear"])
     assert advised.space["lr_scale"].low == 0.1 and advised.space["lr_scale"].high == 1.0
-    assert advised.search.points_to_evaluate  # the ranking's best cells first
+    # the ranking's best cells first, then the user's points inside the advised space
+    kept, dropped = (mine[1], mine[0]) if size == "small" else (mine[0], mine[1])
+    points = advised.search.points_to_evaluate
+    assert points[-1] == kept and dropped not in points and len(points) >= 2
+    assert f"left out of points_to_evaluate (outside the advised space): backbone " \
+           f"efficientnet_lite0, freeze_depth {dropped['freeze_depth']}, lr 0.01" in proc.stdout
     assert yaml.safe_load(out.read_text())["name"] == "rank-advised"
     again = _ftsearch("advise", str(config))  # the user's file is never replaced unasked
     assert again.returncode == 2 and "--out" in again.stderr and "exists" in again.stderr
