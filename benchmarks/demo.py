@@ -28,8 +28,8 @@ __all__ = ["run"]
 GOAL_S = 180.0
 MAX_LINES = 40
 RANK_GOAL = 0.05
-# Smoke mode: the venv this runs in, and a demo of two trials of two one-step epochs.
-_SMOKE_ARGS = ["--set", "search.num_samples=2", "--set", "train.epochs=2",
+# Smoke mode: the venv this runs in, and a demo of one trial of two one-step epochs.
+_SMOKE_ARGS = ["--set", "search.num_samples=1", "--set", "train.epochs=2",
                "--set", "train.max_steps_per_epoch=1", "--set", "search.points_to_evaluate=[]",
                "--set", "search.prior=none"]
 

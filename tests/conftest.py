@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 FTSEARCH = [sys.executable, "-m", "search.cli"]
 
-# Small enough for 2 CPU cores: 64 px digits, 100 training images, 3 steps an epoch.
+# Small enough for 2 CPU cores: 32 px digits, 100 training images, 3 steps an epoch,
+# 180 validation images.
 TINY = {
     "name": "tiny",
     "seed": 0,
-    "data": {"source": "digits", "samples_per_class": 10, "val_fraction": 0.2},
-    "train": {"epochs": 3, "batch_size": 32, "resolution": 64, "max_steps_per_epoch": 3,
+    "data": {"source": "digits", "samples_per_class": 10, "val_fraction": 0.1},
+    "train": {"epochs": 3, "batch_size": 32, "resolution": 32, "max_steps_per_epoch": 3,
               "eval_batch_size": 512,
               "weights": {"efficientnet_lite0": "packaged", "default": "none"}},
     "space": {
@@ -99,11 +103,28 @@ def user_env() -> dict[str, str]:
                                                                    "PYTHONPATH")}
 
 
+@dataclass(frozen=True)
+class DemoRun:
+    """`make demo` as a user ran it.
+
+    Attributes:
+        root: The folder it ran in; the experiment is ``root/runs/demo`` (the link).
+        proc: The finished `make demo` (its stdout and stderr).
+        listening: (pid, ip, port) of every socket a process of the run listened on.
+        names: pid -> its command line, for those processes.
+    """
+
+    root: Path
+    proc: subprocess.CompletedProcess
+    listening: set[tuple[int, str, int]]
+    names: dict[int, str]
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def demo_run(tmp_path_factory) -> DemoRun:
     """`make demo` as a user runs it (the real Makefile recipe, the venv this suite runs
-    in), in a scratch copy of the checkout's config: (its folder, the finished process).
-    The experiment is `<folder>/runs/demo`, the link `make demo` leaves."""
+    in), in a scratch copy of the checkout's config, every listening socket of its
+    processes watched. The experiment is `<folder>/runs/demo`, the link `make demo` leaves."""
     import shutil
 
     root = tmp_path_factory.mktemp("demo")
@@ -113,11 +134,54 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     venv = Path(sys.executable).parent.parent
     stamp = root / ".installed"  # newer than pyproject.toml: make installs nothing again
     stamp.touch()
-    proc = subprocess.run(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "demo",
-                           f"VENV={venv}", f"BIN={venv / 'bin'}", f"STAMP={stamp}"],
-                          cwd=root, env=user_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return root, proc
+    # As Ray's job docs have users export it, for the jobs CLI: a local run must not join it.
+    env = {**user_env(), "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    out, err = root / "make-demo.out", root / "make-demo.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"),
+                                 "demo", f"VENV={venv}", f"BIN={venv / 'bin'}",
+                                 f"STAMP={stamp}"], cwd=root, env=env, stdout=stdout,
+                                stderr=stderr)
+    try:
+        listening, names = _watch_listening(proc, timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(),
+                                       err.read_text())
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return DemoRun(root, done, listening, names)
+
+
+def _watch_listening(proc: subprocess.Popen, *, timeout: float
+                     ) -> tuple[set[tuple[int, str, int]], dict[int, str]]:
+    """Every listening socket of ``proc``'s processes until it exits: its descendants and
+    the processes carrying the run's tag (Ray's agents, which leave the tree)."""
+    import psutil
+
+    from search.reaper import TAG_VAR, run_processes
+
+    root = psutil.Process(proc.pid)
+    seen: set[tuple[int, str, int]] = set()
+    names: dict[int, str] = {}
+    tag = None
+    end = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < end:
+        with contextlib.suppress(psutil.Error):
+            procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+            for child in procs.values():
+                with contextlib.suppress(psutil.Error):
+                    tag = tag or child.environ().get(TAG_VAR)
+            procs.update(run_processes(tag) if tag else {})
+            for conn in psutil.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN and conn.pid in procs:
+                    seen.add((conn.pid, conn.laddr.ip, conn.laddr.port))
+                    if conn.pid not in names:
+                        with contextlib.suppress(psutil.Error):
+                            names[conn.pid] = " ".join(procs[conn.pid].cmdline())[:120]
+        time.sleep(1)
+    return seen, names
 
 
 def is_loopback(ip: str) -> bool:

@@ -13,7 +13,7 @@ MAX_LINES = 40
 
 @pytest.fixture(scope="module")
 def demo(demo_run):
-    root, proc = demo_run
+    root, proc = demo_run.root, demo_run.proc
     experiment = root / "runs" / "demo"
     assert experiment.is_symlink() and experiment.resolve().name.startswith("demo-")
     return experiment, proc.stdout + proc.stderr

@@ -47,7 +47,7 @@ def _checkout_after_make_demo(root: Path) -> Path:
 
 
 def test_every_python_block_runs_as_written_after_make_demo(demo_run):
-    root, _ = demo_run
+    root = demo_run.root
     blocks = _blocks("python")
     assert blocks
     for block in blocks:
@@ -58,7 +58,7 @@ def test_every_python_block_runs_as_written_after_make_demo(demo_run):
 
 
 def test_every_local_shell_block_runs_as_written_after_make_demo(demo_run):
-    root = _checkout_after_make_demo(demo_run[0])
+    root = _checkout_after_make_demo(demo_run.root)
     env = {k: v for k, v in user_env().items() if k != "VIRTUAL_ENV"}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if Path(sys.executable).parent != Path(p))

@@ -352,7 +352,7 @@ def _dashboard_dom(journal: Path, scratch: Path, *, trials: int) -> tuple[dict, 
 
 @pytest.mark.slow
 def test_optuna_dashboard_lists_the_demos_trials_in_chromium(demo_run, tmp_path):
-    root, _ = demo_run
+    root = demo_run.root
     experiment = (root / "runs" / "demo").resolve()  # `make demo` links its newest run
     study = assert_mirrors_results(experiment, ["top1"])  # single-objective: with curves
     summary, detail, dom = _dashboard_dom(experiment / STUDY_JOURNAL_FILE, tmp_path,
