@@ -16,7 +16,7 @@ HEADS = ["linear", "logreg", "svm", "xgboost"]
 CONFIG = {
     "name": "heads",
     "seed": 0,
-    "data": {"source": "digits", "samples_per_class": 20, "val_fraction": 0.3},
+    "data": {"source": "digits", "samples_per_class": 20, "val_fraction": 0.1},
     "train": {"backbone": "efficientnet_lite0", "weights": "packaged", "resolution": 64,
               "epochs": 2, "batch_size": 32, "max_steps_per_epoch": 3,
               "xgb_n_estimators": 50},

@@ -97,18 +97,27 @@ def test_rank_of_an_experiment_without_pretrained_backbones_names_the_cause(tmp_
     assert "nothing to rank: no backbone of ['resnet18'] has pretrained weights" in proc.stderr
 
 
+MINE = [{"backbone": "efficientnet_lite0", "freeze_depth": d, "lr": 0.01} for d in (0, 4)]
+
+
 # 10 per class, and every digit there is: about 160 per class (digits has no 300 of a class).
-@pytest.mark.parametrize(("per_class", "size"), [(10, "small"), (None, "large")])
-def test_advise_moves_quadrant_with_data_size_and_writes_a_runnable_config(tmp_path, per_class,
-                                                                            size):
-    mine = [{"backbone": "efficientnet_lite0", "freeze_depth": d, "lr": 0.01} for d in (0, 4)]
-    raw = {**CONFIG, "storage": str(tmp_path / "runs"),
+@pytest.fixture(scope="module", params=[(10, "small"), (None, "large")], ids=["10", "all"])
+def advised(request, tmp_path_factory):
+    """`ftsearch advise` on CONFIG (with two points of the user's) at a data size: the
+    config file, the process, the size it should find."""
+    per_class, size = request.param
+    root = tmp_path_factory.mktemp(f"advise-{size}")
+    raw = {**CONFIG, "storage": str(root / "runs"),
            "data": {**CONFIG["data"], "samples_per_class": per_class},
-           "search": {**CONFIG["search"], "points_to_evaluate": mine}}
-    config = write_config(tmp_path / "c.yaml", raw)
-    proc = _ftsearch("advise", str(config))
+           "search": {**CONFIG["search"], "points_to_evaluate": MINE}}
+    config = write_config(root / "c.yaml", raw)
+    return config, _ftsearch("advise", str(config)), size
+
+
+def test_advise_moves_quadrant_with_data_size_and_writes_a_runnable_config(advised):
+    config, proc, size = advised
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "c-advised.yaml"
+    out = config.with_name("c-advised.yaml")
     said = proc.stdout.splitlines()
     assert said[0].startswith("size:") and f"-> {size}" in said[0]
     assert "-> different" in said[1]  # digits are unlike ImageNet to Lite0's own classifier
@@ -124,7 +133,7 @@ def test_advise_moves_quadrant_with_data_size_and_writes_a_runnable_config(tmp_p
                                             else ["linear"])
     assert advised.space["lr_scale"].low == 0.1 and advised.space["lr_scale"].high == 1.0
     # the ranking's best cells first, then the user's points inside the advised space
-    kept, dropped = (mine[1], mine[0]) if size == "small" else (mine[0], mine[1])
+    kept, dropped = (MINE[1], MINE[0]) if size == "small" else (MINE[0], MINE[1])
     points = advised.search.points_to_evaluate
     assert points[-1] == kept and dropped not in points and len(points) >= 2
     assert f"left out of points_to_evaluate (outside the advised space): backbone " \
@@ -135,20 +144,22 @@ def test_advise_moves_quadrant_with_data_size_and_writes_a_runnable_config(tmp_p
 
 
 @pytest.mark.slow
-def test_an_advised_config_runs_with_the_prior_and_its_best_cell_first(tmp_path):
-    raw = {**CONFIG, "storage": str(tmp_path / "runs"),
-           "train": {**CONFIG["train"], "max_steps_per_epoch": 2, "eval_batch_size": 512},
-           "search": {"num_samples": 2, "max_concurrent": 1}}
-    config = write_config(tmp_path / "c.yaml", raw)
-    assert _ftsearch("advise", str(config)).returncode == 0
+@pytest.mark.parametrize("advised", [(10, "small")], indirect=True, ids=["10"])
+def test_an_advised_config_runs_with_the_prior_and_its_best_cell_first(advised, tmp_path):
+    # The small quadrant's advised space has classical heads: one run covers both kinds.
+    config, proc, _ = advised
+    assert proc.returncode == 0, proc.stderr
     # advise put the ranking's best cells into points_to_evaluate; without them, the order
     # below can come from the run's own prior only.
-    advised = yaml.safe_load((tmp_path / "c-advised.yaml").read_text())
+    advised = yaml.safe_load(config.with_name("c-advised.yaml").read_text())
     assert advised["search"].pop("points_to_evaluate")
-    write_config(tmp_path / "c-advised.yaml", advised)
-    run = subprocess.run([sys.executable, "-m", "search.cli", "run",
-                          str(tmp_path / "c-advised.yaml"), "--set", "search.prior=transferability",
-                          "--set", "search.prior_top=2"],
+    run_config = write_config(tmp_path / "run.yaml", {**advised,
+                                                     "storage": str(tmp_path / "runs")})
+    run = subprocess.run([sys.executable, "-m", "search.cli", "run", str(run_config),
+                          "--set", "search.prior=transferability", "--set", "search.prior_top=2",
+                          "--set", "search.num_samples=2", "--set", "search.max_concurrent=1",
+                          "--set", "train.max_steps_per_epoch=2",
+                          "--set", "train.eval_batch_size=512"],
                          cwd=ROOT, env=ftsearch_env(), capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
