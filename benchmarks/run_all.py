@@ -52,9 +52,10 @@ def _run_one(name: str, *, smoke: bool) -> Section:
     return section
 
 
-def _order(ref: str) -> tuple[bool, str]:
-    # Numbered as the issue numbers its goals, whatever order they ran in.
-    return not ref[:1].isdigit(), ref
+def _order(ref: str) -> tuple[bool, int, str]:
+    # Numbered as the issue numbers its goals (2 before 13), whatever order they ran in.
+    number = re.match(r"\d+", ref)
+    return number is None, int(number[0]) if number else 0, ref
 
 
 def _rows(section: Section) -> list[str]:
