@@ -19,7 +19,7 @@ demo: $(STAMP)
 	@name=demo-$$(date +%Y%m%d-%H%M%S) && \
 		$(BIN)/ftsearch run configs/demo.yaml --name $$name $(DEMO_ARGS) && \
 		if [ -e runs/demo ] && [ ! -L runs/demo ]; then \
-			echo "runs/demo is your own folder, so it was not replaced by a link to runs/$$name"; \
+			echo "runs/demo exists and is not a link, so it was left as it is (newest: runs/$$name)"; \
 		else ln -sfn $$name runs/demo; fi
 
 lint: $(STAMP)

@@ -36,6 +36,7 @@ import torch
 
 from benchmarks.common import (
     DEMO_DATA,
+    DEMO_RESOLUTION,
     DEMO_TRAIN,
     MISS,
     PASS,
@@ -52,7 +53,8 @@ __all__ = ["CLASSICAL", "LINEAR", "LRS", "TRIAL", "build_pooled_cache", "run"]
 
 GOAL_TIME_RATIO = 0.1
 TRIAL: dict[str, Any] = {
-    "backbone": "efficientnet_lite0", "weights": "packaged", "resolution": 64,
+    "backbone": "efficientnet_lite0", "weights": "packaged",
+    "resolution": DEMO_RESOLUTION,
     "data": DEMO_DATA, "device": "cpu",
 }
 # The demo's training settings (configs/demo.yaml), at feature-extraction depth.

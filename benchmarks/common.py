@@ -19,6 +19,7 @@ import yaml
 
 __all__ = [
     "DEMO_DATA",
+    "DEMO_RESOLUTION",
     "DEMO_TRAIN",
     "INFO",
     "MISS",
@@ -44,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # images per class): the figures speak of the data `make demo` searches.
 _DEMO = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
 DEMO_DATA: dict[str, Any] = _DEMO["data"]
-# Its fixed SGD settings (epochs, batch size, optimizer, warm-up, weight decay...).
+# Its input resolution, and its fixed SGD settings (epochs, batch size, optimizer...).
+DEMO_RESOLUTION: int = _DEMO["train"]["resolution"]
 DEMO_TRAIN: dict[str, Any] = {k: v for k, v in _DEMO["train"].items()
                               if k not in ("weights", "resolution")}
 

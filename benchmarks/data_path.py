@@ -18,13 +18,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DEMO_DATA, Figure, Section, load_average, run_as_script, single_thread
+from benchmarks.common import (
+    DEMO_DATA,
+    DEMO_RESOLUTION,
+    Figure,
+    Section,
+    load_average,
+    run_as_script,
+    single_thread,
+)
 
 __all__ = ["measure", "run"]
 
 GOAL = 0.05
 BASE: dict[str, Any] = {
-    "backbone": "efficientnet_lite0", "weights": "packaged", "resolution": 64,
+    "backbone": "efficientnet_lite0", "weights": "packaged",
+    "resolution": DEMO_RESOLUTION,
     "batch_size": 32, "lr": 0.05, "lr_scale": 0.1, "data": DEMO_DATA,
 }
 CASES: list[dict[str, Any]] = [

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     DEMO_DATA,
+    DEMO_RESOLUTION,
     Figure,
     Section,
     load_average,
@@ -37,7 +38,8 @@ __all__ = ["GPU_TRIAL", "TRIAL", "build_cache", "ceiling", "gpu_part", "measure"
 
 GOAL_FULL, GOAL_HALF = 5.0, 2.0
 TRIAL: dict[str, Any] = {
-    "backbone": "efficientnet_lite0", "weights": "packaged", "resolution": 64, "epochs": 3,
+    "backbone": "efficientnet_lite0", "weights": "packaged",
+    "resolution": DEMO_RESOLUTION, "epochs": 3,
     "batch_size": 32, "lr": 0.05, "lr_scale": 0.1, "data": DEMO_DATA, "device": "cpu",
 }
 # The same pretrained backbone (frozen stages need pretrained weights), at toy sizes.

@@ -54,7 +54,7 @@ def _run_one(name: str, *, smoke: bool) -> Section:
 
 def _order(ref: str) -> tuple[bool, int, str]:
     # Numbered as the issue numbers its goals (2 before 13), whatever order they ran in.
-    number = re.match(r"\d+", ref)
+    number = re.search(r"\d+", ref)
     return number is None, int(number[0]) if number else 0, ref
 
 

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.common import (
     DEMO_DATA,
+    DEMO_RESOLUTION,
     MISS,
     OPEN,
     PASS,
@@ -37,7 +38,8 @@ __all__ = ["CPU_TRIAL", "GPU_TRIAL", "gpu_part", "measure", "measure_gpu", "run"
 GOAL = 0.97
 # The demo's pretrained backbone, all stages trained (the heaviest loop of the demo).
 CPU_TRIAL: dict[str, Any] = {
-    "backbone": "efficientnet_lite0", "weights": "packaged", "resolution": 64, "epochs": 3,
+    "backbone": "efficientnet_lite0", "weights": "packaged",
+    "resolution": DEMO_RESOLUTION, "epochs": 3,
     "batch_size": 32, "freeze_depth": 0, "lr": 0.01, "lr_scale": 0.1, "data": DEMO_DATA,
     "cache_dir": None, "device": "cpu",
 }

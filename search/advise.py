@@ -95,7 +95,7 @@ class Advice:
     changes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     first: list[dict[str, Any]] = field(default_factory=list)
-    dropped: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
 
 def _depths(fraction: tuple[float, float], n: int) -> tuple[int, int]:
@@ -106,12 +106,16 @@ def _depths(fraction: tuple[float, float], n: int) -> tuple[int, int]:
 def _narrow(entry: Any, low: float, high: float, *, kind: str) -> dict[str, Any]:
     """``{type: kind, low, high}`` within a user's range of the same parameter, if any.
 
-    The user's other settings of that range (``step``, ``grid_points``) are kept: a grid
-    stays a grid of as many points.
+    The user's other settings of a range of the same type are kept: ``grid_points`` (a grid
+    stays a grid of as many points) and ``step``, with the new low moved onto the user's
+    steps (0..8 by 2 narrowed to 3..6 is 4..6 by 2).
     """
     kept: dict[str, Any] = {}
     if isinstance(entry, Mapping) and entry.get("type") in ("int", "uniform", "loguniform"):
         lo, hi = max(low, entry["low"]), min(high, entry["high"])
+        if entry["type"] == kind and entry.get("step"):
+            lo = entry["low"] + math.ceil((lo - entry["low"]) / entry["step"] - 1e-9) * \
+                entry["step"]
         if lo <= hi and not (kind == "loguniform" and lo == hi):
             low, high = lo, hi
         if entry["type"] == kind:
@@ -179,14 +183,17 @@ def advise(target: str | Path, overrides: Sequence[str] = ()) -> Advice:
     advised = {**raw, "name": f"{cfg.name}-advised", "space": space,
                "search": {**search, "points_to_evaluate": []}}
     prior = build_prior(_parse(advised), table)
-    kept = [p for p in search.get("points_to_evaluate") or [] if _valid_point(advised, p)]
+    mine = search.get("points_to_evaluate") or []
+    why = [_point_problems(advised, p) for p in mine]
+    kept = [p for p, problems in zip(mine, why, strict=True) if not problems]
     advised["search"] = {**search, "points_to_evaluate": prior.points + [
         p for p in kept if p not in prior.points]}
     _parse(advised)
     return Advice(quadrant=q, per_class=per_class, train_images=int(best.train_images),
                   classes=int(best.classes), confidence=confidence, changes=changes,
                   config=advised, first=prior.points,
-                  dropped=[p for p in search.get("points_to_evaluate") or [] if p not in kept])
+                  dropped=[(p, problems[0]) for p, problems in zip(mine, why, strict=True)
+                           if problems])
 
 
 def _parse(raw: Mapping[str, Any]) -> ExperimentConfig:
@@ -196,13 +203,14 @@ def _parse(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError([f"advised config: {p}" for p in err.problems]) from None
 
 
-def _valid_point(raw: Mapping[str, Any], point: Mapping[str, Any]) -> bool:
+def _point_problems(raw: Mapping[str, Any], point: Mapping[str, Any]) -> list[str]:
+    """Why ``point`` cannot be a first trial of config ``raw`` (empty when it can)."""
     try:
         parse_config({**raw, "search": {**(raw.get("search") or {}),
                                         "points_to_evaluate": [dict(point)]}})
-    except ConfigError:
-        return False
-    return True
+    except ConfigError as err:
+        return [p.removeprefix("search.points_to_evaluate[0].") for p in err.problems]
+    return []
 
 
 def advice_text(advice: Advice, *, out: Path) -> list[str]:
@@ -221,8 +229,8 @@ def advice_text(advice: Advice, *, out: Path) -> list[str]:
         "  first trials (transferability ranking): "
         + ("; ".join(", ".join(f"{k} {v}" for k, v in p.items()) for p in advice.first)
            or "none"),
-        *["  left out of points_to_evaluate (outside the advised space): "
-          + ", ".join(f"{k} {v}" for k, v in p.items()) for p in advice.dropped],
+        *["  left out of points_to_evaluate: " + ", ".join(f"{k} {v}" for k, v in p.items())
+          + f" ({why})" for p, why in advice.dropped],
         f"wrote {out} (run it: ftsearch run {out})",
     ]
 

@@ -120,8 +120,9 @@ class ParquetCallback(tune.Callback):
         prints a traceback to the console and goes on (a full disk then fails every later
         write once more). Raised from ``on_step_end`` the error ends ``fit()`` like one from
         ``on_trial_result``: the runner closes the run out and prints it once. Deferring is
-        safe for these two: what they record (a trial's end, a checkpoint's path) is
-        rebuilt on resume, where an epoch's result would not be.
+        safe for these two, where it would not be for an epoch's result: a trial's end is
+        recorded again when the resumed driver sees it, and a checkpoint Tune kept but the
+        store missed is taken from Tune's restored trials (:meth:`_checkpoint_from_tune`).
         """
         try:
             yield
@@ -203,11 +204,31 @@ class ParquetCallback(tune.Callback):
         if not self._reconciled:
             # First step of this driver: Tune now knows every restored trial.
             self._reconciled = True
-            if self.store.forget_unfinished_except({t.trial_id for t in trials}):
+            changed = bool(self.store.forget_unfinished_except({t.trial_id for t in trials}))
+            for trial in trials:
+                changed |= self._checkpoint_from_tune(trial)
+            if changed:
                 self._write(force=True)
             # Catches the study up with the store: what a killed driver did not write,
             # trials it left RUNNING that ended meanwhile, trials the store just dropped.
             self._sync_study()
+
+    def _checkpoint_from_tune(self, trial: Any) -> bool:
+        """Points the store at the checkpoint Tune kept for ``trial`` where the recorded one
+        is missing: its record was lost (a full disk in ``on_checkpoint``, after which Tune
+        registered the checkpoint and deleted the one before). Returns whether it did."""
+        row = self.store.trials.get(trial.trial_id)
+        kept = trial.run_metadata.checkpoint_manager.best_checkpoint_result
+        if row is None or kept is None or kept.checkpoint is None:
+            return False
+        recorded = row.get("checkpoint")
+        # A remote path cannot be checked here; a local one that exists is the store's own.
+        if recorded == kept.checkpoint.path or (recorded and ("://" in recorded
+                                                              or os.path.exists(recorded))):
+            return False
+        self.store.record_checkpoint(trial.trial_id, kept.checkpoint.path,
+                                     top1=(kept.metrics or {}).get(M.TOP1), replace=True)
+        return True
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.store.start(trial.trial_id, trial.config)

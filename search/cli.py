@@ -224,12 +224,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_images(args: argparse.Namespace) -> int:
     from search.config import ConfigError
     from search.images import ImagesError, default_out, write_split
-    from search.preflight import preflight_problems
+    from search.preflight import data_problems
     from search.transfer import load_target
 
     try:
         cfg = load_target(args.target, config_overrides(args))
-        problems = preflight_problems(cfg, local=True)
+        problems = data_problems(cfg)  # no trial runs: resources and weights do not matter
         if problems:
             return _fail("\n".join(problems))
         out = Path(args.out) if args.out else default_out(cfg, args.split)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from search.changes import RESUMABLE_FIELDS
+from search.images import SPLITS
 from search.session import job_address
 
 __all__ = ["add_override_arguments", "build_parser", "config_overrides"]
@@ -129,7 +130,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                                            "folder per class (for predict and evaluate)")
     images.add_argument("target", metavar="CONFIG", help="experiment YAML file, or an "
                                                          "experiment directory")
-    images.add_argument("--split", choices=["train", "val"], default="val",
+    images.add_argument("--split", choices=SPLITS, default="val",
                         help="which split every trial of CONFIG gets (default val)")
     images.add_argument("--out", help="an absent or empty folder (default: "
                                       "<storage>/<name>-<split>)")

@@ -60,7 +60,7 @@ def _groups(measured: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
     """Best top-1 and trial count per label, best first."""
     frame = pd.DataFrame({"label": labels, "top1": measured[TOP1_AT]}).dropna()
     table = frame.groupby("label").top1.agg(["max", "size", "idxmax"])
-    # Stable: equal best values keep the labels' order (the smaller depth, band... first).
+    # Stable: equal best values keep the labels' sorted order (the smaller depth first).
     return table.sort_values("max", ascending=False, kind="stable")
 
 

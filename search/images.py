@@ -11,8 +11,12 @@ index in the split's order.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from search.config import ExperimentConfig
+from search.storage import is_uri
+
+if TYPE_CHECKING:
+    from search.config import ExperimentConfig
 
 __all__ = ["SPLITS", "ImagesError", "default_out", "write_split"]
 
@@ -25,7 +29,13 @@ class ImagesError(ValueError):
 
 
 def default_out(cfg: ExperimentConfig, split: str) -> Path:
-    """``<storage>/<name>-<split>``: beside the experiment's own directory."""
+    """``<storage>/<name>-<split>``: beside the experiment's own directory.
+
+    Raises:
+        ImagesError: The storage is a URI (``s3://...``): the images are written locally.
+    """
+    if is_uri(cfg.storage):
+        raise ImagesError(f"--out: storage {cfg.storage!r} is not a local folder; give --out")
     return Path(cfg.storage).expanduser() / f"{cfg.name}-{split}"
 
 

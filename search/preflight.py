@@ -36,7 +36,7 @@ from search.storage import is_uri, probe_writable
 from trainables.data.spec import TORCHVISION_PREFIX, parse_spec
 from trainables.models.registry import PRETRAINED_WEIGHTS, WEIGHT_CHOICES, available_weights
 
-__all__ = ["preflight_problems"]
+__all__ = ["data_problems", "preflight_problems"]
 
 # Seconds to resolve the download host, then to open a TCP connection to it: enough for a
 # working network, short enough that an offline run is refused within a few seconds.
@@ -80,7 +80,9 @@ def _local_resource_problems(cfg: ExperimentConfig) -> list[str]:
 # ---------------------------------------------------------------------------- data
 
 
-def _data_problems(cfg: ExperimentConfig) -> list[str]:
+def data_problems(cfg: ExperimentConfig) -> list[str]:
+    """Why the data of ``cfg`` cannot be read here (image folders, a torchvision set's
+    files), one line each; empty when it can."""
     source = cfg.data.get("source")
     if not isinstance(source, str) or not (source == "imagefolder"
                                            or source.startswith(TORCHVISION_PREFIX)):
@@ -294,6 +296,6 @@ def preflight_problems(cfg: ExperimentConfig, *, local: bool) -> list[str]:
     problems = _storage_problems(cfg)
     if local:
         problems += _local_resource_problems(cfg)
-        problems += _data_problems(cfg)
+        problems += data_problems(cfg)
         problems += _weights_problems(cfg)
     return problems

@@ -161,8 +161,9 @@ def _head_problems(cfg: ExperimentConfig, backbones: list[str]) -> list[str]:
             if key == PROBE_C and probe:
                 continue  # also sets the probe's regularisation
             if _given(cfg, key) and head not in heads:
-                problems.append(f"{_where(cfg, key)}: applies to head {head!r} only; the "
-                                f"heads here are {heads}")
+                also = " (or a linear head with head_init 'probe')" if key == PROBE_C else ""
+                problems.append(f"{_where(cfg, key)}: applies to head {head!r}{also} only; "
+                                f"the heads here are {heads}")
     if _given(cfg, "svm_gamma") and "rbf" not in (_choices(cfg, "svm_kernel") or ["rbf"]):
         problems.append(f"{_where(cfg, 'svm_gamma')}: applies to svm_kernel 'rbf' only")
     if _given(cfg, "features_from") and not classical:

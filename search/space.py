@@ -62,8 +62,9 @@ def _suggest(trial: optuna.Trial, name: str, dist: Distribution, *, grid: bool,
     return trial.suggest_float(name, low, high, step=dist.step)
 
 
-# Sampled first, in this order: whether the rest applies hangs off them.
-_LEADING = ("backbone", "weights", "head", "svm_kernel")
+# Sampled first, in this order: whether the rest applies hangs off them (svm_gamma needs
+# svm_kernel; the probe's logreg_c needs head_init).
+_LEADING = ("backbone", "weights", "head", "head_init", "svm_kernel")
 # Sampled last: capped at the sampled backbone's stage count (and after `features_from`).
 _TRAILING = ("features_from", "freeze_depth")
 

@@ -170,7 +170,8 @@ class ResultsStore:
         elif kind == "result":
             self._apply_result(event)
         elif kind == "checkpoint":
-            self._apply_checkpoint(event["trial_id"], event["path"], event.get("top1"))
+            self._apply_checkpoint(event["trial_id"], event["path"], event.get("top1"),
+                                   bool(event.get("replace")))
         elif kind == "finish":
             self._apply_finish(event["trial_id"], event.get("error"),
                                bool(event.get("interrupted")))
@@ -226,14 +227,19 @@ class ResultsStore:
         row[M.RESUMED_FROM] = _cast(result.get(M.RESUMED_FROM), "int64")
         self.epochs[(trial_id, epoch)] = row
 
-    def record_checkpoint(self, trial_id: str, path: str, *, top1: float | None) -> None:
-        """Keeps the path of the trial's best-scoring checkpoint."""
-        self._update({"event": "checkpoint", "trial_id": trial_id, "path": path, "top1": top1})
+    def record_checkpoint(self, trial_id: str, path: str, *, top1: float | None,
+                          replace: bool = False) -> None:
+        """Keeps the path of the trial's best-scoring checkpoint (with ``replace``, this
+        one whatever its score: the recorded one is gone)."""
+        event = {"event": "checkpoint", "trial_id": trial_id, "path": path, "top1": top1}
+        self._update({**event, "replace": True} if replace else event)
 
-    def _apply_checkpoint(self, trial_id: str, path: str, top1: float | None) -> None:
+    def _apply_checkpoint(self, trial_id: str, path: str, top1: float | None,
+                          replace: bool = False) -> None:
         trial = self._trial(trial_id)
         best = trial.get("checkpoint_top1")
-        if trial.get("checkpoint") is None or best is None or (top1 is not None and top1 >= best):
+        if (replace or trial.get("checkpoint") is None or best is None
+                or (top1 is not None and top1 >= best)):
             trial["checkpoint"], trial["checkpoint_top1"] = path, top1
 
     def finish(self, trial_id: str, *, error: str | None = None,

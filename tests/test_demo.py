@@ -118,10 +118,16 @@ def test_the_warm_start_baseline_is_compared_at_one_epoch(demo):
     found = re.findall(r"warm-start baseline (\S+): top-1 ([\d.]+)% -> best ([\d.]+)% "
                        r"\([+-][\d.]+ points, both up to epoch (\d+)\)", output)
     assert found, output
-    best = duckdb.sql(f"""select trial_id from '{experiment}/trials.parquet'
-                          where status in ('TERMINATED', 'STOPPED_EARLY')
-                          order by best_top1 desc limit 1""").fetchall()[0][0]
+    best = re.search(r"^best trial: (\S+) ", output, re.M)[1]
+    status = dict(duckdb.sql(f"select trial_id, status from '{experiment}/trials.parquet'"
+                             ).fetchall())
+    reached = dict(duckdb.sql(f"select trial_id, max(epoch) from '{experiment}/epochs.parquet'"
+                              f" group by all").fetchall())
     for baseline, was, now, epoch in found:
+        # the epoch both are measured at: where a trial the scheduler cut stopped, else the
+        # longer run (a TERMINATED trial's final value stands for any later epoch)
+        cut = [reached[t] for t in (baseline, best) if status[t] != "TERMINATED"]
+        assert int(epoch) == (min(cut) if cut else max(reached[baseline], reached[best]))
         top1 = dict(duckdb.sql(f"""select trial_id, max(top1) from '{experiment}/epochs.parquet'
                                    where trial_id in ('{baseline}', '{best}')
                                      and epoch <= {epoch} group by all""").fetchall())

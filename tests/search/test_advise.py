@@ -23,6 +23,9 @@ def test_a_grid_stays_a_grid_of_as_many_points_within_the_users_ranges():
     advised, changes = _advised_space(space, QUADRANTS[False, False], [9])
     # large & different: freeze at most a quarter of 9 stages, lr_scale 0.1..1
     assert advised["freeze_depth"] == {"type": "int", "low": 0, "high": 2, "step": 2}
+    small, _ = _advised_space(space, QUADRANTS[True, False], [9])
+    # small & different: 30-70 % of 9 stages, 3..6, moved onto the user's steps: 4, 6
+    assert small["freeze_depth"] == {"type": "int", "low": 4, "high": 6, "step": 2}
     assert advised["lr_scale"] == {"type": "loguniform", "low": 0.1, "high": 1.0,
                                    "grid_points": 4}
     assert advised["lr"] == space["lr"]  # not the quadrant's to change

@@ -62,3 +62,31 @@ def test_a_failed_write_of_a_result_raises_at_once(callback, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         callback.on_trial_result(iteration=1, trials=[], trial=_trial("a"),
                                  result={"epoch": 1, "top1": 50.0})
+
+
+def _restored(trial_id: str, kept: str | None, top1: float = 40.0) -> SimpleNamespace:
+    """A trial as Tune restores it: its checkpoint manager's best kept checkpoint."""
+    best = None if kept is None else SimpleNamespace(checkpoint=SimpleNamespace(path=kept),
+                                                     metrics={"top1": top1})
+    manager = SimpleNamespace(best_checkpoint_result=best)
+    return SimpleNamespace(**vars(_trial(trial_id)),
+                           run_metadata=SimpleNamespace(checkpoint_manager=manager))
+
+
+def test_a_resumed_driver_points_a_lost_checkpoint_record_at_the_one_tune_kept(callback,
+                                                                              tmp_path):
+    gone, kept = tmp_path / "checkpoint_000000", tmp_path / "checkpoint_000001"
+    kept.mkdir()
+    # The driver recorded epoch 1's checkpoint (since deleted by Tune) and lost epoch 2's.
+    callback.store.record_checkpoint("a", str(gone), top1=50.0)
+    callback.on_step_begin(iteration=0, trials=[_restored("a", str(kept))])
+    assert callback.store.trials["a"]["checkpoint"] == str(kept)
+
+
+def test_a_recorded_checkpoint_that_exists_is_kept(callback, tmp_path):
+    mine, other = tmp_path / "checkpoint_000003", tmp_path / "checkpoint_000001"
+    mine.mkdir()
+    other.mkdir()
+    callback.store.record_checkpoint("a", str(mine), top1=70.0)
+    callback.on_step_begin(iteration=0, trials=[_restored("a", str(other))])
+    assert callback.store.trials["a"]["checkpoint"] == str(mine)

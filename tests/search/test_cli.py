@@ -23,3 +23,12 @@ def test_backbones_table(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["name", "stages", "params"]
     assert any(line.startswith("efficientnet_lite0") and "packaged" in line for line in out)
+
+
+def test_every_command_of_the_grammar_has_a_handler():
+    from search.cli import _COMMANDS
+    from search.cliargs import build_parser
+
+    parser = build_parser("ftsearch")
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(commands) == set(_COMMANDS)

@@ -148,12 +148,16 @@ def test_a_searched_head_is_linear_for_random_weights(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["optuna", "random"])
-def test_lp_ft_is_searched_like_any_choice_and_its_probe_takes_logreg_c(tmp_path, algorithm):
+@pytest.mark.parametrize("logreg_c_first", [False, True])
+def test_lp_ft_is_searched_like_any_choice_and_its_probe_takes_logreg_c(tmp_path, algorithm,
+                                                                        logreg_c_first):
     space = {"backbone": "efficientnet_lite0",
              "head": {"type": "choice", "values": ["linear", "svm"]},
              "head_init": {"type": "choice", "values": ["random", "probe"]},
              "logreg_c": {"type": "loguniform", "low": 0.1, "high": 10},
              "lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}
+    if logreg_c_first:  # the YAML's order of keys must not decide what is sampled
+        space = {"logreg_c": space.pop("logreg_c"), **space}
     cfg = _cfg(tmp_path, space, weights="packaged", algorithm=algorithm)
     configs = sample_configs(cfg, 40)
     linear = [c for c in configs if c["head"] == "linear"]
@@ -169,5 +173,6 @@ def test_logreg_c_without_a_logreg_head_or_a_probe_is_refused(tmp_path):
     space = {"backbone": "efficientnet_lite0",
              "head": {"type": "choice", "values": ["linear", "svm"]},
              "logreg_c": {"type": "loguniform", "low": 0.1, "high": 10}}
-    with pytest.raises(ValueError, match="space.logreg_c: applies to head 'logreg' only"):
+    with pytest.raises(ValueError, match=r"space.logreg_c: applies to head 'logreg' \(or a "
+                                         r"linear head with head_init 'probe'\) only"):
         _cfg(tmp_path, space, weights="packaged")
