@@ -1,0 +1,1 @@
+"""Set-up tools: what the Makefile runs before any ftsearch code."""
