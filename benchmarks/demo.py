@@ -1,20 +1,22 @@
 """Issues 13 and 14: `make demo` from a fresh clone, and `ftsearch rank` against its search.
 
 As a new user runs them, from a shell without Ray variables: a ``git clone`` of the
-committed checkout into a temporary folder; ``make .venv/.installed`` (the venv and ``pip
-install -e '.[dev]'``, which ``make demo`` does first; its time depends on the package
-registries and the local wheels); ``make demo`` with the venv in place (the search, its
-summary, the ``runs/demo`` link). Issue 14's goal, ≤ 180 s on 2 cores, is checked on the
-demo and on the two together; the output must stay within 40 lines. Then ``ftsearch rank
-configs/demo.yaml`` three times in the clone, each on a fresh experiment directory so its
-frozen-stage cache is cold (median): issue 13's goal is a rank of at most 5 % of the demo
-search's wall time.
+committed checkout into a temporary folder; ``make .venv/.installed`` (the venv and the
+install of ``-e '.[dev]'`` by uv with an empty cache, as on a new machine, which ``make
+demo`` does first; its time depends on the package registries and the local wheels; the
+same with ``INSTALLER=pip`` in a second clone, for comparison); ``make demo`` with the
+venv in place (the search, its summary, the ``runs/demo`` link). Issue 14's goal, ≤ 180 s
+on 2 cores, is checked on the demo and on the two together; the output must stay within
+40 lines. Then ``ftsearch rank configs/demo.yaml`` three times in the clone, each on a
+fresh experiment directory so its frozen-stage cache is cold (median): issue 13's goal is a
+rank of at most 5 % of the demo search's wall time.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,20 +36,36 @@ _SMOKE_ARGS = ["--set", "search.num_samples=1", "--set", "train.epochs=2",
                "--set", "search.prior=none"]
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("RAY_", "VIRTUAL_ENV", "PYTHONPATH"))}
+def _env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items()
+               if not k.startswith(("RAY_", "VIRTUAL_ENV", "PYTHONPATH", "UV_"))}, **extra}
 
 
-def _timed(args: list[str], cwd: Path) -> tuple[float, str]:
+def _timed(args: list[str], cwd: Path, **extra_env: str) -> tuple[float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=3600)
+    proc = subprocess.run(args, cwd=cwd, env=_env(**extra_env), capture_output=True,
+                          text=True, timeout=3600)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n"
                            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return seconds, proc.stdout + proc.stderr
+
+
+def _clone(folder: Path) -> None:
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(folder)],
+                   check=True, timeout=600)
+
+
+def _setup_with_pip(folder: Path) -> float:
+    """Seconds ``make INSTALLER=pip .venv/.installed`` takes in a clone at ``folder``; the
+    clone (its venv is gigabytes) is removed afterwards."""
+    _clone(folder)
+    try:
+        return _timed(["make", "--no-print-directory", "INSTALLER=pip", ".venv/.installed"],
+                      folder)[0]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(*, smoke: bool = False) -> Section:
@@ -58,8 +76,8 @@ def run(*, smoke: bool = False) -> Section:
     make = ["make", "--no-print-directory"]
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "ftsearch"
-        subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)],
-                       check=True, timeout=600)
+        _clone(clone)
+        pip_setup = None
         if smoke:  # the running venv, a toy demo
             venv = Path(sys.executable).parent.parent
             stamp = clone / ".installed-here"
@@ -68,7 +86,9 @@ def run(*, smoke: bool = False) -> Section:
             make += [f"VENV={venv}", f"BIN={venv / 'bin'}", f"STAMP={stamp}",
                      f"DEMO_ARGS={' '.join(_SMOKE_ARGS)}"]
         else:
-            setup, _ = _timed([*make, ".venv/.installed"], clone)
+            pip_setup = _setup_with_pip(Path(tmp) / "with-pip")
+            setup, _ = _timed([*make, ".venv/.installed"], clone,
+                              UV_CACHE_DIR=str(Path(tmp) / "uv-cache"))  # nothing cached yet
             venv = clone / ".venv"
         demo, output = _timed([*make, "demo"], clone)
         linked = (clone / "runs" / "demo").is_symlink()
@@ -88,6 +108,8 @@ def run(*, smoke: bool = False) -> Section:
                      at_least=False, fmt="{:.0f}", unit=" s"),
         Figure.check("make demo from a fresh clone, set-up included: wall s", setup + demo,
                      goal=GOAL_S, at_least=False, fmt="{:.0f}", unit=" s"),
+        *([Figure("set-up (venv, install) with uv / with pip (INSTALLER=pip): wall s",
+                  f"{setup:.0f} s / {pip_setup:.0f} s")] if pip_setup is not None else []),
         Figure.check("make demo: output lines", len(lines), goal=MAX_LINES, at_least=False,
                      fmt="{:.0f}"),
         Figure.check("ftsearch rank configs/demo.yaml / make demo, wall time", rank / demo,

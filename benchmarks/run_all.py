@@ -30,6 +30,7 @@ __all__ = ["BENCHMARKS", "main", "merge", "render"]
 BENCHMARKS = (
     "scheduling",
     "trial_overhead",
+    "cpu_layout",
     "frozen_cache",
     "classical_heads",
     "data_path",

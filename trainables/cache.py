@@ -129,7 +129,7 @@ def frozen_features(
         cache_dir: Node-local directory of cache files (created if missing).
         device: The trial's device; computed there, and kept there when it is a GPU.
         amp: bf16 autocast on CUDA, as in the trial.
-        channels_last: channels_last inputs on CUDA, as in the trial.
+        channels_last: channels_last inputs, as in the trial.
         batch_size: Images per forward pass while computing.
         max_mb: Size above which nothing is cached (None is returned).
         pool: Keep the global average over each activation map (``[N, C]``) instead.
@@ -286,7 +286,7 @@ class _Compute:
     def _inputs(self, images: Tensor) -> Tensor:
         x = preprocess(images, resolution=self.resolution, mean=self.model.mean,
                        std=self.model.std)
-        if self.device.type == "cuda" and self.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

@@ -120,7 +120,7 @@ def fingerprint(
             step = max(1, len(images) // _HASHED_IMAGES)
             h.update(_bytes(images[::step]))
     autocast = amp and device.type == "cuda"
-    put(device.type, autocast, channels_last and device.type == "cuda", torch.__version__)
+    put(device.type, autocast, channels_last, torch.__version__)
     if pool:  # a separate file; unpooled keys stay what they were
         put("pooled")
     return h.hexdigest()

@@ -200,7 +200,7 @@ def run_trial(
     gmacs = count_macs(model, resolution=resolution) / 1e9
     freeze_stages(model, p.freeze_depth)
     model.to(device)
-    if device.type == "cuda" and p.channels_last:
+    if p.channels_last:  # CPUs too: oneDNN's NHWC kernels train Lite0 twice as fast
         model.to(memory_format=torch.channels_last)
     if p.head in CLASSICAL_HEADS:  # fitted in one go on pooled frozen features
         return run_classical_trial(p, model, data, device=device, report=report, state=state)
@@ -268,7 +268,7 @@ def run_trial(
             if start == 0:
                 x = preprocess(x, resolution=resolution, mean=model.mean, std=model.std,
                                augment=p.augment, generator=gen)
-            if device.type == "cuda" and p.channels_last and x.ndim == 4:
+            if p.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, p.amp):
                 loss = F.cross_entropy(forward(x).float(), y, label_smoothing=p.label_smoothing)

@@ -181,7 +181,10 @@ class TrialParams(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    # NHWC memory layout, on every device: on CPU, oneDNN's channels-last kernels run a
+    # training step of Lite0 in half the time and were never slower for another backbone
+    # (BENCHMARKS.md, "channels_last on CPU").
+    channels_last: bool = True
     compile: bool = False  # torch.compile the model
     # Node-local directory of the frozen-stage cache (trainables/cache.py); None: no cache.
     # Searches set it to <storage>/<name>/.cache.
