@@ -122,6 +122,54 @@ _CHATTER: dict[str, tuple[str, ...]] = {
 }
 
 
+class _StateSaveFailures(logging.Filter):
+    """Tune's failed copies of its experiment state, one line per distinct error.
+
+    Tune saves its state beside the driver and copies it into the experiment directory in
+    the background; when that copy fails for a reason of the storage's own (an ``OSError``:
+    a full disk, a lost mount), Ray logs its whole traceback, and again at every later copy.
+    That is noise around a message the user can act on, which is what the console keeps.
+    Any other exception keeps Ray's traceback: it would be a bug to report.
+    """
+
+    # Logger -> the message it logs when the copy failed (ray 2.40..2.60).
+    _FAILURES = {
+        "ray.train._internal.syncer": "Last sync command failed",
+        "ray.tune.execution.experiment_state": "Saving experiment state to storage",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefix = self._FAILURES.get(record.name)
+        if prefix is None or not record.getMessage().startswith(prefix):
+            return True
+        # The syncer formats the traceback into its message from inside its `except`.
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return True
+        line = (f"ftsearch: Tune could not save its experiment state into the experiment "
+                f"directory: {error}. The results written so far are kept; `ftsearch "
+                f"resume` starts from the last state Tune saved.")
+        if line in self.shown:
+            return False
+        self.shown.add(line)
+        record.msg, record.args, record.exc_info, record.exc_text = line, (), None, None
+        return True
+
+    def install(self) -> None:
+        self.shown.clear()
+        for name in self._FAILURES:
+            logger = logging.getLogger(name)
+            if self not in logger.filters:
+                logger.addFilter(self)
+
+
+_state_save_failures = _StateSaveFailures()
+
+
 @dataclass
 class _LocalRun:
     """What ``start_ray`` set up around a local Ray, for ``stop_ray`` to undo."""
@@ -211,6 +259,7 @@ def start_ray(*, address: str | None) -> None:
             bind it to every interface.
     """
     _quiet_ray()
+    _state_save_failures.install()
     if address:
         import ray
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,3 +191,35 @@ def is_loopback(ip: str) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
     return addr.is_loopback
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 MB file system of its own (tmpfs) the test can fill, or None where mounting
+    one is not allowed (then the disk-full step is left out, and says so)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        warnings.warn(f"disk-full step skipped: cannot mount a tmpfs ({done.stderr.strip()})",
+                      stacklevel=1)
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Writes ``disk/filler`` until the file system is full; its path (delete it to free)."""
+    filler = disk / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(bytes(2**20))
+                handle.flush()
+        except OSError:
+            pass
+    return filler

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +30,7 @@ from optuna.trial import TrialState
 
 from search.contract import EPOCHS_FILE, JOURNAL_FILE, TRIALS_FILE
 from search.study_journal import FORGOTTEN_ATTR
-from tests.conftest import FTSEARCH, ROOT, TINY, ftsearch_env, run_ftsearch, write_config
+from tests.conftest import FTSEARCH, ROOT, TINY, fill, ftsearch_env, run_ftsearch, write_config
 from tests.search.test_dashboard import assert_mirrors_results, journal_ops
 
 pytestmark = pytest.mark.slow
@@ -130,7 +129,7 @@ def _run_out_of_disk(directory: Path, disk: Path) -> str:
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    filler = _fill(disk)
+    filler = fill(disk)
     try:
         proc.wait(timeout=300)
     finally:
@@ -204,37 +203,6 @@ def crash_and_resume(storage: Path, *, kills: int, replace_kills: int, seed: int
     assert set(created.values()) == {1}, created
     assert set(reports.values()) == {1}, reports
     return log
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 MB file system of its own (tmpfs) the test can fill, or None where mounting
-    one is not allowed (then the disk-full step is left out, and says so)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        warnings.warn(f"disk-full step skipped: cannot mount a tmpfs ({done.stderr.strip()})",
-                      stacklevel=1)
-        yield None
-        return
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with filler.open("wb") as handle:
-        try:
-            while True:
-                handle.write(bytes(2**20))
-                handle.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def test_killed_driver_and_full_disk_lose_no_result(small_disk, tmp_path):

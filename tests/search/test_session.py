@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from search.reaper import TAG_VAR, run_processes, spawn_reaper
-from tests.conftest import FTSEARCH, ROOT, TINY, is_loopback, write_config
+from tests.conftest import FTSEARCH, ROOT, TINY, fill, is_loopback, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -269,3 +269,64 @@ def test_reaper_ends_every_tagged_process_once_its_stdin_closes(tmp_path):
 
 def _has_no_tag(proc: psutil.Process) -> bool:
     return TAG_VAR not in proc.environ()
+
+
+def test_a_state_copy_to_a_full_disk_is_one_line_without_ray_traceback(small_disk, tmp_path):
+    """Ray's own syncer copies into a full file system, as Tune does with its experiment
+    state at every save: the console gets one line naming the error, once."""
+    if small_disk is None:
+        pytest.skip("cannot mount a tmpfs to fill")
+    import io
+    import logging
+
+    import pyarrow.fs
+    from ray.train._internal.storage import _FilesystemSyncer
+
+    from search.session import _state_save_failures
+
+    state = tmp_path / "driver-state"
+    state.mkdir()
+    (state / "experiment_state.json").write_bytes(bytes(2**20))
+    filler = fill(small_disk)
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    logger = logging.getLogger("ray.train._internal.syncer")
+    logger.addHandler(handler)
+    _state_save_failures.install()
+    try:
+        syncer = _FilesystemSyncer(storage_filesystem=pyarrow.fs.LocalFileSystem(),
+                                   sync_period=0, sync_timeout=30)
+        for _ in range(3):  # each launch reports the previous copy's failure
+            syncer.sync_up(str(state), str(small_disk / "experiment"))
+            syncer._sync_process._process.join(timeout=30)
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(_state_save_failures)
+        filler.unlink()
+    lines = console.getvalue().splitlines()
+    assert "Traceback" not in console.getvalue(), console.getvalue()
+    assert len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert "ftsearch resume" in lines[0]
+
+
+def test_any_other_failed_copy_keeps_rays_traceback():
+    import io
+    import logging
+
+    from search.session import _state_save_failures
+
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    logger = logging.getLogger("ray.tune.execution.experiment_state")
+    logger.addHandler(handler)
+    _state_save_failures.install()
+    try:
+        try:
+            raise ValueError("a bug in a syncer")
+        except ValueError:
+            logger.error("Saving experiment state to storage at 'x' failed with exception: ",
+                         exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(_state_save_failures)
+    assert "Traceback" in console.getvalue() and "a bug in a syncer" in console.getvalue()
