@@ -7,13 +7,15 @@ whatever keeps Ray on loopback and cleans it up must come from ftsearch itself.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psutil
@@ -271,37 +273,44 @@ def _has_no_tag(proc: psutil.Process) -> bool:
     return TAG_VAR not in proc.environ()
 
 
+
+@contextlib.contextmanager
+def _console(logger_name: str) -> Iterator[io.StringIO]:
+    """What ``logger_name`` prints, with ftsearch's filter of failed state copies on."""
+    from search.session import _state_save_failures
+
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    _state_save_failures.install()
+    try:
+        yield console
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(_state_save_failures)
+
+
 def test_a_state_copy_to_a_full_disk_is_one_line_without_ray_traceback(small_disk, tmp_path):
     """Ray's own syncer copies into a full file system, as Tune does with its experiment
     state at every save: the console gets one line naming the error, once."""
     if small_disk is None:
         pytest.skip("cannot mount a tmpfs to fill")
-    import io
-    import logging
-
     import pyarrow.fs
     from ray.train._internal.storage import _FilesystemSyncer
-
-    from search.session import _state_save_failures
 
     state = tmp_path / "driver-state"
     state.mkdir()
     (state / "experiment_state.json").write_bytes(bytes(2**20))
     filler = fill(small_disk)
-    console = io.StringIO()
-    handler = logging.StreamHandler(console)
-    logger = logging.getLogger("ray.train._internal.syncer")
-    logger.addHandler(handler)
-    _state_save_failures.install()
     try:
-        syncer = _FilesystemSyncer(storage_filesystem=pyarrow.fs.LocalFileSystem(),
-                                   sync_period=0, sync_timeout=30)
-        for _ in range(3):  # each launch reports the previous copy's failure
-            syncer.sync_up(str(state), str(small_disk / "experiment"))
-            syncer._sync_process._process.join(timeout=30)
+        with _console("ray.train._internal.syncer") as console:
+            syncer = _FilesystemSyncer(storage_filesystem=pyarrow.fs.LocalFileSystem(),
+                                       sync_period=0, sync_timeout=30)
+            for _ in range(3):  # each launch reports the previous copy's failure
+                syncer.sync_up(str(state), str(small_disk / "experiment"))
+                syncer._sync_process._process.join(timeout=30)
     finally:
-        logger.removeHandler(handler)
-        logger.removeFilter(_state_save_failures)
         filler.unlink()
     lines = console.getvalue().splitlines()
     assert "Traceback" not in console.getvalue(), console.getvalue()
@@ -310,23 +319,11 @@ def test_a_state_copy_to_a_full_disk_is_one_line_without_ray_traceback(small_dis
 
 
 def test_any_other_failed_copy_keeps_rays_traceback():
-    import io
-    import logging
-
-    from search.session import _state_save_failures
-
-    console = io.StringIO()
-    handler = logging.StreamHandler(console)
-    logger = logging.getLogger("ray.tune.execution.experiment_state")
-    logger.addHandler(handler)
-    _state_save_failures.install()
-    try:
+    with _console("ray.tune.execution.experiment_state") as console:
         try:
             raise ValueError("a bug in a syncer")
         except ValueError:
-            logger.error("Saving experiment state to storage at 'x' failed with exception: ",
-                         exc_info=True)
-    finally:
-        logger.removeHandler(handler)
-        logger.removeFilter(_state_save_failures)
+            logging.getLogger("ray.tune.execution.experiment_state").error(
+                "Saving experiment state to storage at 'x' failed with exception: ",
+                exc_info=True)
     assert "Traceback" in console.getvalue() and "a bug in a syncer" in console.getvalue()
