@@ -43,7 +43,10 @@ __all__ = ["run"]
 # per backbone instead of on every device.
 GOAL_RATIO = 1.05
 _BACKBONES = ("efficientnet_lite0", "efficientnet_b0", "resnet18", "resnet50", "vgg11_bn")
+# Smoke mode: every code path, at toy sizes.
 _SMOKE_BACKBONES = ("resnet18",)
+_SMOKE_DATA = {**DEMO_DATA, "samples_per_class": 4, "val_fraction": 0.05}
+_SMOKE_RESOLUTION = 32
 
 
 def _step_seconds(backbone: str, *, channels_last: bool, resolution: int, steps: int
@@ -76,11 +79,12 @@ def _frozen_pass_seconds(*, channels_last: bool, smoke: bool) -> float:
     from trainables.data import load_data
     from trainables.models import build_backbone
 
-    data = load_data({**DEMO_DATA, **({"samples_per_class": 4} if smoke else {})}, seed=0)
+    data = load_data(_SMOKE_DATA if smoke else DEMO_DATA, seed=0)
     model = build_backbone("efficientnet_lite0", num_classes=10, weights="packaged")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute = _Compute(model=model, depth=len(model.stages), resolution=DEMO_RESOLUTION,
+    compute = _Compute(model=model, depth=len(model.stages),
+                       resolution=_SMOKE_RESOLUTION if smoke else DEMO_RESOLUTION,
                        device=torch.device("cpu"), amp=False, channels_last=channels_last,
                        pool=True)
     depths = list(range(1, len(model.stages) + 1))
@@ -102,8 +106,8 @@ def _trial(channels_last: bool, seed: int, smoke: bool) -> tuple[float, float]:
 
     trial: dict[str, Any] = {**_TRIAL, "channels_last": channels_last, "seed": seed}
     if smoke:
-        trial.update(epochs=2, max_steps_per_epoch=1,
-                     data={**DEMO_DATA, "samples_per_class": 4})
+        trial.update(epochs=2, max_steps_per_epoch=1, data=_SMOKE_DATA,
+                     resolution=_SMOKE_RESOLUTION)
     reports: list[dict[str, Any]] = []
     run_trial(trial, report=lambda m, s: reports.append(m))
     return median([r["samples_per_s"] for r in reports[1:]]), reports[-1]["top1"]
@@ -142,7 +146,8 @@ def run(*, smoke: bool = False) -> Section:
         for backbone in _SMOKE_BACKBONES if smoke else _BACKBONES:
             steps = _interleaved(
                 lambda cl, _, b=backbone: _step_seconds(
-                    b, channels_last=cl, resolution=32 if smoke else DEMO_RESOLUTION,
+                    b, channels_last=cl,
+                    resolution=_SMOKE_RESOLUTION if smoke else DEMO_RESOLUTION,
                     steps=1 if smoke else 5), 1 if smoke else 2)
             ratios[backbone] = median(steps[1]) / median(steps[0])
             lines.append(f"| {backbone} | {median(steps[0]) * 1000:.0f} ms | "
@@ -153,7 +158,8 @@ def run(*, smoke: bool = False) -> Section:
         goal=GOAL_RATIO, at_least=False, fmt="{:.2f}"))
     section.body = "\n".join([
         __doc__.split("\n\n", 1)[1].strip(), "",
-        f"One SGD step of 32 images at {32 if smoke else DEMO_RESOLUTION} px, one thread "
+        f"One SGD step of 32 images at {_SMOKE_RESOLUTION if smoke else DEMO_RESOLUTION} px, "
+        f"one thread "
         f"(median):", "",
         "| backbone | NCHW | channels_last | ratio |", "|---|---|---|---|", *lines, "",
         f"Load average before: {before}, after: {load_average()}.",
