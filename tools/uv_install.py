@@ -27,7 +27,10 @@ _COSMETIC = {"disable-pip-version-check", "progress-bar", "quiet", "verbose", "n
              "no-input", "retries", "log", "cache-dir", "no-cache-dir", "root-user-action",
              "timeout", "default-timeout", "user-agent", "no-warn-script-location",
              "use-feature", "use-deprecated", "python-version-check",
+             "require-virtualenv", "break-system-packages",
              "config-file"}  # PIP_CONFIG_FILE: its settings are in the listing already
+# Switches: set to false they change nothing.
+_SWITCHES = ("no-index", "pre", "no-build-isolation")
 # pip's precedence: a variable over the [install] section over [global].
 _SECTIONS = (":env:", "install", "global")
 
@@ -80,9 +83,13 @@ def uv_arguments(settings: Mapping[str, str]) -> tuple[list[str], dict[str, str]
             env["SSL_CERT_FILE"] = value
         elif key == "proxy":
             env["HTTPS_PROXY"] = env["HTTP_PROXY"] = value
-        elif key in ("only-binary", "no-binary"):
+        elif key in ("only-binary", "no-binary", "keyring-provider"):
             args += [f"--{key}", value]
-        elif key not in _COSMETIC and not (key in ("no-index", "pre") and not _true(value)):
+        elif key == "no-build-isolation" and _true(value):
+            args.append("--no-build-isolation")
+        elif key == "client-cert":
+            env["SSL_CLIENT_CERT"] = value
+        elif key not in _COSMETIC and not (key in _SWITCHES and not _true(value)):
             raise UnsupportedSetting(
                 f"pip setting {key!r} ({value!r}) has no uv equivalent in tools/uv_install.py; "
                 f"install with pip instead: make INSTALLER=pip ...")

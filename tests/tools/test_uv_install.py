@@ -47,6 +47,9 @@ def test_each_setting_becomes_uvs_equivalent():
     assert ("--allow-insecure-host", "mirror.example") in pairs
     assert "--no-index" not in args
     assert env == {"SSL_CERT_FILE": "/ca.pem"}
+    # A developer's guard and a switch set to false change nothing that gets installed.
+    assert uv_arguments({"require-virtualenv": "true", "no-build-isolation": "false"}) == (
+        ["--index-strategy", "unsafe-best-match"], {})
 
 
 def test_a_setting_uv_would_ignore_stops_the_install_naming_it():
