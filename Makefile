@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 ifeq ($(INSTALLER),pip)
 	$(BIN)/pip install -q -e '.[dev]'
 else ifeq ($(INSTALLER),uv)
-	$(BIN)/pip install -q uv
+	$(BIN)/pip install -q 'uv>=0.5'
 	$(BIN)/python tools/uv_install.py $(BIN)/python -e '.[dev]'
 else
 	$(error INSTALLER must be uv or pip, not '$(INSTALLER)')
