@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench bench-gpu clean
 
 # INSTALLER=uv (default) installs with uv, configured from pip's own settings (index mirrors,
-# local wheels, version caps; tools/uv_install.py): a third of pip's time, most of it torch's.
+# local wheels, version caps; tools/uv_install.py): 40 % of pip's time, most of it torch's.
 # INSTALLER=pip installs with pip alone.
 INSTALLER ?= uv
 

@@ -64,7 +64,7 @@ def build_cache(config: dict[str, Any], cache_dir: str) -> tuple[float, int]:
     from trainables.data import load_data
     from trainables.finetune import build_model, resolve_trial_config
     from trainables.optim import freeze_stages
-    from trainables.runtime import pick_device
+    from trainables.runtime import pick_device, place_model
 
     cfg = resolve_trial_config(config)
     torch.manual_seed(cfg.seed)
@@ -72,11 +72,9 @@ def build_cache(config: dict[str, Any], cache_dir: str) -> tuple[float, int]:
     data = load_data(cfg.data, seed=cfg.seed)
     model = build_model(cfg, num_classes=data.num_classes)
     freeze_stages(model, cfg.freeze_depth)
-    model.to(device)
+    place_model(model, device, channels_last=cfg.channels_last)  # as run_trial does
     train, val = data.train, data.val
-    if device.type == "cuda":  # as run_trial: channels_last weights, the images on the GPU
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # as run_trial: the images on the GPU
         train, val = train.to(device), val.to(device)
     with single_thread():
         t0 = time.perf_counter()

@@ -123,7 +123,7 @@ _CHATTER: dict[str, tuple[str, ...]] = {
 
 
 class _StateSaveFailures(logging.Filter):
-    """Tune's failed copies of its experiment state, one line per distinct error.
+    """Tune's failed copies of its experiment state, one line per kind of error.
 
     Tune saves its state beside the driver and copies it into the experiment directory in
     the background; when that copy fails for a reason of the storage's own (an ``OSError``:
@@ -140,7 +140,7 @@ class _StateSaveFailures(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.shown: set[str] = set()
+        self.shown: set[str] = set()  # kinds of error already on the console
 
     def filter(self, record: logging.LogRecord) -> bool:
         prefix = self._FAILURES.get(record.name)
@@ -150,13 +150,15 @@ class _StateSaveFailures(logging.Filter):
         error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
         if not isinstance(error, OSError):
             return True
-        line = (f"ftsearch: Tune could not save its experiment state into the experiment "
-                f"directory: {error}. The results written so far are kept; `ftsearch "
-                f"resume` starts from the last state Tune saved.")
-        if line in self.shown:
+        # Once per kind (a full disk fails every file of a copy, each with its own path).
+        kind = f"{type(error).__name__} {getattr(error, 'errno', None)}"
+        if kind in self.shown:
             return False
-        self.shown.add(line)
-        record.msg, record.args, record.exc_info, record.exc_text = line, (), None, None
+        self.shown.add(kind)
+        record.msg = (f"ftsearch: Tune could not copy its experiment state to or from the "
+                      f"experiment directory: {error}. The results written so far are kept; "
+                      f"`ftsearch resume` starts from the last state Tune saved.")
+        record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
     def install(self) -> None:

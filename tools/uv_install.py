@@ -1,8 +1,8 @@
 """Installs ftsearch into a venv with uv, configured the way pip is configured here.
 
 ``make demo`` and ``make test`` call this (``INSTALLER=pip`` uses pip instead). uv unpacks
-wheels and compiles bytecode in parallel: on a 2-core machine the venv takes about a third
-of pip's time (BENCHMARKS.md), most of it torch's. uv does not read pip's configuration
+wheels and compiles bytecode in parallel: on a 2-core machine the venv takes about 40 % of
+pip's time (BENCHMARKS.md), most of it torch's. uv does not read pip's configuration
 (astral-sh/uv#1404), and a machine's index mirror, local wheels and version caps live
 there, so this reads pip's merged view (``pip config list``: its files and ``PIP_*``
 variables) and passes each setting on as uv's equivalent. A pip setting that changes what
@@ -29,8 +29,9 @@ _COSMETIC = {"disable-pip-version-check", "progress-bar", "quiet", "verbose", "n
              "use-feature", "use-deprecated", "python-version-check",
              "require-virtualenv", "break-system-packages",
              "config-file"}  # PIP_CONFIG_FILE: its settings are in the listing already
-# Switches: set to false they change nothing.
-_SWITCHES = ("no-index", "pre", "no-build-isolation")
+# pip reads yes/no settings with strtobool.
+_YES = {"y", "yes", "t", "true", "on", "1"}
+_NO = {"n", "no", "f", "false", "off", "0"}
 # pip's precedence: a variable over the [install] section over [global].
 _SECTIONS = (":env:", "install", "global")
 
@@ -48,7 +49,9 @@ def pip_settings(listing: str) -> dict[str, str]:
         section, dot, key = name.rpartition(".")
         if not (sep and dot) or section not in _SECTIONS:
             continue
-        found[section, key] = ast.literal_eval(quoted)
+        value = ast.literal_eval(quoted)
+        if value.strip():  # pip ignores an empty setting (PIP_FIND_LINKS= changes nothing)
+            found[section, key] = value
     settings: dict[str, str] = {}
     for section in reversed(_SECTIONS):  # the weakest first: a stronger one overwrites it
         settings.update({key: value for (s, key), value in found.items() if s == section})
@@ -59,45 +62,47 @@ def uv_arguments(settings: Mapping[str, str]) -> tuple[list[str], dict[str, str]
     """uv's command-line arguments and environment for pip's ``settings``.
 
     Raises:
-        UnsupportedSetting: naming the first setting uv would silently ignore.
+        UnsupportedSetting: naming the first setting uv would silently ignore, or read
+            differently from pip.
     """
     args = ["--index-strategy", "unsafe-best-match"]  # pip takes the best version anywhere
     env: dict[str, str] = {}
     for key, value in settings.items():
         values = value.split()
+        if key in _COSMETIC:
+            continue
         if key == "index-url":
             args += ["--index-url", value]
-        elif key == "extra-index-url":
-            args += [a for url in values for a in ("--extra-index-url", url)]
-        elif key == "find-links":
-            args += [a for link in values for a in ("--find-links", link)]
-        elif key == "constraint":
-            args += [a for path in values for a in ("--constraint", path)]
-        elif key == "no-index" and _true(value):
-            args.append("--no-index")
-        elif key == "pre" and _true(value):
-            args += ["--prerelease", "allow"]
+        elif key in ("extra-index-url", "find-links"):
+            args += [a for item in values for a in (f"--{key}", item)]
+        elif key == "constraint":  # pip's build environments read the same configuration
+            args += [a for path in values for a in ("--constraint", path,
+                                                     "--build-constraints", path)]
         elif key == "trusted-host":
             args += [a for host in values for a in ("--allow-insecure-host", host)]
-        elif key == "cert":
-            env["SSL_CERT_FILE"] = value
-        elif key == "proxy":
-            env["HTTPS_PROXY"] = env["HTTP_PROXY"] = value
-        elif key in ("only-binary", "no-binary", "keyring-provider"):
-            args += [f"--{key}", value]
-        elif key == "no-build-isolation" and _true(value):
-            args.append("--no-build-isolation")
-        elif key == "client-cert":
-            env["SSL_CLIENT_CERT"] = value
-        elif key not in _COSMETIC and not (key in _SWITCHES and not _true(value)):
+        elif key in ("no-index", "pre"):
+            if _yes(key, value):
+                args += ["--no-index"] if key == "no-index" else ["--prerelease", "allow"]
+        elif key in ("only-binary", "no-binary"):  # pip: comma-separated package names
+            args += [a for name in value.replace(",", " ").split() for a in (f"--{key}", name)]
+        elif key == "keyring-provider" and value in ("disabled", "subprocess"):
+            args += ["--keyring-provider", value]
+        elif key in ("cert", "client-cert", "proxy"):
+            names = {"cert": ["SSL_CERT_FILE"], "client-cert": ["SSL_CLIENT_CERT"],
+                     "proxy": ["HTTPS_PROXY", "HTTP_PROXY"]}[key]
+            env.update(dict.fromkeys(names, value))
+        else:
             raise UnsupportedSetting(
                 f"pip setting {key!r} ({value!r}) has no uv equivalent in tools/uv_install.py; "
                 f"install with pip instead: make INSTALLER=pip ...")
     return args, env
 
 
-def _true(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
+def _yes(key: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word not in _YES | _NO:
+        raise UnsupportedSetting(f"pip setting {key!r}: {value!r} is not a yes/no value")
+    return word in _YES
 
 
 def install(python: str, requirements: Sequence[str]) -> int:

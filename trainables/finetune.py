@@ -54,6 +54,7 @@ from trainables.runtime import (
     peak_gpu_mb,
     peak_rss_mb,
     pick_device,
+    place_model,
     ray_trial_device,
     release_memory,
     reset_peak_memory,
@@ -199,9 +200,7 @@ def run_trial(
     params = count_params(model)
     gmacs = count_macs(model, resolution=resolution) / 1e9
     freeze_stages(model, p.freeze_depth)
-    model.to(device)
-    if p.channels_last:  # CPUs too: oneDNN's NHWC kernels train Lite0 twice as fast
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device, channels_last=p.channels_last)
     if p.head in CLASSICAL_HEADS:  # fitted in one go on pooled frozen features
         return run_classical_trial(p, model, data, device=device, report=report, state=state)
     if p.head_init == "probe" and state is None:

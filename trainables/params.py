@@ -182,7 +182,7 @@ class TrialParams(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     # NHWC memory layout, on every device: on CPU, oneDNN's channels-last kernels run a
-    # training step of Lite0 in half the time and were never slower for another backbone
+    # training step of Lite0 in 0.6 of the time and were never slower for another backbone
     # (BENCHMARKS.md, "channels_last on CPU").
     channels_last: bool = True
     compile: bool = False  # torch.compile the model

@@ -24,7 +24,7 @@ from trainables.data import load_data, preprocess
 from trainables.finetune import build_model, resolve_trial_config
 from trainables.models import PRETRAINED_CLASSES, build_backbone, default_resolution
 from trainables.models.stagednet import eval_mode
-from trainables.runtime import pick_device
+from trainables.runtime import pick_device, place_model
 from trainables.transferability import SCORES
 
 __all__ = ["imagenet_confidence", "score_stages"]
@@ -52,7 +52,8 @@ def score_stages(config: Mapping[str, Any], *, depths: Sequence[int] | None = No
     p = resolve_trial_config(config)
     device = pick_device(p.device)
     data = load_data(p.data, seed=p.seed)
-    model = build_model(p, num_classes=data.num_classes).to(device)
+    model = place_model(build_model(p, num_classes=data.num_classes), device,
+                        channels_last=p.channels_last)
     stages = len(model.stages)
     wanted = sorted(set(depths or range(1, stages + 1)))
     if not wanted or wanted[0] < 1 or wanted[-1] > stages:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from benchmarks.common import loopback_only
@@ -54,5 +56,8 @@ def test_reused_actor_memory_does_not_grow_with_trials(local_ray, tmp_path):
     assert any(m[M.EPOCH] == 1 for m in ordered)  # some were stopped early
     peaks = [m[M.PEAK_RSS_MB] for m in ordered]
     # Trial 1 pays one-off costs (imports, the decoded data); from trial 2 on the peak of each
-    # trial is the same process state plus one trial: flat, not +200 MB per trial.
-    assert max(peaks[2:]) - peaks[1] < 60, peaks
+    # trial is the same process state plus one trial: flat, not +300 MB per trial. The median
+    # of the later trials, because single peaks scatter by up to ~60 MB either way with the
+    # allocator's state (channels_last copies of the weights on CPU): a leak grows with every
+    # trial (+300, +600, ... MB), which the median shows and one scattered peak does not.
+    assert statistics.median(peaks[2:]) - peaks[1] < 60, peaks

@@ -24,6 +24,7 @@ def test_pip_precedence_a_variable_over_install_over_global():
         "global.find-links='/a'",
         "install.find-links='/b'",
         ":env:.find-links='/c'",
+        ":env:.index-url=''",  # an empty variable: pip ignores it
         "global.extra-index-url='file:///x\\nfile:///y'",
         "user.ignored='not a section pip reads for install'",
     ])
@@ -37,24 +38,31 @@ def test_pip_precedence_a_variable_over_install_over_global():
 def test_each_setting_becomes_uvs_equivalent():
     args, env = uv_arguments({
         "extra-index-url": "file:///x file:///y", "constraint": "/etc/caps.txt",
-        "find-links": "/wheels", "cert": "/ca.pem", "no-index": "false",
-        "disable-pip-version-check": "1", "trusted-host": "mirror.example"})
+        "find-links": "/wheels", "cert": "/ca.pem", "no-index": "false", "pre": "y",
+        "only-binary": "torch,numpy", "disable-pip-version-check": "1",
+        "require-virtualenv": "true", "trusted-host": "mirror.example"})
     pairs = list(zip(args[::2], args[1::2], strict=True))
     assert ("--index-strategy", "unsafe-best-match") in pairs  # pip's choice across indexes
-    assert ("--extra-index-url", "file:///x") in pairs and ("--extra-index-url",
-                                                             "file:///y") in pairs
-    assert ("--constraint", "/etc/caps.txt") in pairs and ("--find-links", "/wheels") in pairs
-    assert ("--allow-insecure-host", "mirror.example") in pairs
+    assert {("--extra-index-url", "file:///x"), ("--extra-index-url", "file:///y"),
+            ("--find-links", "/wheels"), ("--allow-insecure-host", "mirror.example"),
+            ("--constraint", "/etc/caps.txt"), ("--build-constraints", "/etc/caps.txt"),
+            ("--prerelease", "allow"), ("--only-binary", "torch"),
+            ("--only-binary", "numpy")} <= set(pairs)
     assert "--no-index" not in args
     assert env == {"SSL_CERT_FILE": "/ca.pem"}
-    # A developer's guard and a switch set to false change nothing that gets installed.
-    assert uv_arguments({"require-virtualenv": "true", "no-build-isolation": "false"}) == (
-        ["--index-strategy", "unsafe-best-match"], {})
+    assert "--no-index" in uv_arguments({"no-index": "yes"})[0]
 
 
-def test_a_setting_uv_would_ignore_stops_the_install_naming_it():
-    with pytest.raises(UnsupportedSetting, match="'require-hashes'.*INSTALLER=pip"):
-        uv_arguments({"require-hashes": "true"})
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"require-hashes": "true"}, "'require-hashes'.*INSTALLER=pip"),
+    # pip reads this one backwards (pypa/pip#5735): refused rather than guessed
+    ({"no-build-isolation": "false"}, "'no-build-isolation'"),
+    ({"keyring-provider": "import"}, "'keyring-provider'"),
+    ({"no-index": "maybe"}, "'no-index'.*yes/no"),
+])
+def test_a_setting_uv_would_read_otherwise_stops_the_install_naming_it(setting, message):
+    with pytest.raises(UnsupportedSetting, match=message):
+        uv_arguments(setting)
 
 
 def _wheel(folder: Path, version: str) -> None:
@@ -77,19 +85,18 @@ def _wheel(folder: Path, version: str) -> None:
 
 @pytest.mark.skipif(not UV.exists(), reason="this venv was made with INSTALLER=pip")
 def test_uv_installs_within_pips_constraint_from_pips_links(tmp_path):
-    # pip's configuration, as a machine or a user sets it: local wheels only, and a cap.
+    # pip's configuration: local wheels only, and a cap.
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     for version in ("1.0", "2.0"):
         _wheel(wheels, version)
     (tmp_path / "caps.txt").write_text("ftsprobe<2\n")
-    (tmp_path / "pip.conf").write_text(
-        f"[global]\nno-index = true\nfind-links = {wheels}\n"
-        f"[install]\nconstraint = {tmp_path / 'caps.txt'}\n")
     target = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
-           "PIP_CONFIG_FILE": str(tmp_path / "pip.conf"), "UV_CACHE_DIR": str(tmp_path / "cache")}
+    # No configuration file at all (this machine's are left out), the settings as variables.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))},
+           "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels),
+           "PIP_CONSTRAINT": str(tmp_path / "caps.txt"), "UV_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "uv_install.py"),
                            str(target / "bin" / "python"), "ftsprobe"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -97,4 +104,4 @@ def test_uv_installs_within_pips_constraint_from_pips_links(tmp_path):
     version = subprocess.run([str(target / "bin" / "python"), "-c",
                               "import ftsprobe; print(ftsprobe.VERSION)"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    assert version == "1.0"  # uv alone (it reads no pip.conf) would take 2.0 from PyPI or fail
+    assert version == "1.0"  # uv alone (it reads no pip settings) would take 2.0 or fail

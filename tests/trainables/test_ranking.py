@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from trainables import cache
@@ -12,19 +13,22 @@ from trainables import metrics as M
 from trainables.data import load_data
 from trainables.finetune import build_model, resolve_trial_config
 from trainables.ranking import imagenet_confidence, score_stages
+from trainables.runtime import place_model
 
 DIGITS = {"source": "digits", "samples_per_class": 8, "val_fraction": 0.05}
 JOB = {"backbone": "efficientnet_lite0", "weights": "packaged", "resolution": 32,
        "data": DIGITS}
 
 
-def test_one_pass_gives_each_depths_cache_file_bit_for_bit(tmp_path):
-    p = resolve_trial_config(JOB)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_one_pass_gives_each_depths_cache_file_bit_for_bit(tmp_path, channels_last):
+    p = resolve_trial_config({**JOB, "channels_last": channels_last})
     data = load_data(DIGITS, seed=0)
-    model = build_model(p, num_classes=data.num_classes)
+    model = place_model(build_model(p, num_classes=data.num_classes), torch.device("cpu"),
+                        channels_last=channels_last)
     common = {"train": data.train, "val": data.val, "resolution": 32,
               "data_key": json.dumps(DIGITS, sort_keys=True), "cache_dir": tmp_path,
-              "device": torch.device("cpu"), "batch_size": 64}
+              "device": torch.device("cpu"), "batch_size": 64, "channels_last": channels_last}
     sets, seconds = cache.pooled_stage_features(model, depths=[2, 5, 9], **common)
     assert seconds > 0 and len(list(tmp_path.glob("*.pt"))) == 3
     for depth in (2, 5, 9):
@@ -32,7 +36,8 @@ def test_one_pass_gives_each_depths_cache_file_bit_for_bit(tmp_path):
         assert alone.build_seconds == 0.0  # read the file the one pass wrote
         assert torch.equal(alone.train.features, sets[depth][0].features)
         fresh = cache.compute_features(model, data.val, depth=depth, resolution=32,
-                                       device=torch.device("cpu"), batch_size=64, pool=True)
+                                       device=torch.device("cpu"), batch_size=64, pool=True,
+                                       channels_last=channels_last)
         assert torch.equal(fresh.features, sets[depth][1].features)
     _, again = cache.pooled_stage_features(model, depths=[2, 5, 9], **common)
     assert again == 0.0
