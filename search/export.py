@@ -6,7 +6,7 @@ loading a model file never runs code from it. It holds the weights and everythin
 needed to use them: backbone name and constructor arguments, class names, input
 resolution, normalisation, the image size the data was stored at, and the trial's
 config and scores. A classical head (``logreg``, ``svm``, ``xgboost``) is stored beside
-the backbone as its own state (:meth:`trainables.heads.FittedHead.state`: tensors, and
+the backbone as its own state (:meth:`trainables.fitted_heads.FittedHead.state`: tensors, and
 xgboost's JSON model text), with the stage its pooled features come from. The format
 (its name, version and required keys) is defined once, beside its reader, in
 :mod:`search.predict`.

@@ -26,7 +26,7 @@ from trainables.data import IMAGE_EXTENSIONS, preprocess, to_rgb
 # The walk the trial's image folders are listed with (hidden entries skipped, symlinks
 # followed, loop-safe), so a folder given here yields the files a trial would read.
 from trainables.data.listing import _walk
-from trainables.heads import head_from_state
+from trainables.fitted_heads import head_from_state
 from trainables.models import StagedNet, build_backbone
 from trainables.params import HEADS
 

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from trainables import metrics as M
 from trainables.cache import FeatureSet, compute_features, frozen_features
 from trainables.data import DataSplits, ImageSet, preprocess
-from trainables.heads import FittedHead, fit_head, linear_probe
+from trainables.fitted_heads import FittedHead
+from trainables.heads import fit_head, linear_probe
 from trainables.models import StagedNet
 from trainables.models.complexity import count_macs, count_params
 from trainables.models.stagednet import eval_mode, kept_training_modes

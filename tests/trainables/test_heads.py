@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.heads import FittedHead, fit_head, head_from_state, linear_probe
+from trainables.fitted_heads import FittedHead, head_from_state
+from trainables.heads import fit_head, linear_probe
 from trainables.params import CLASSICAL_HEADS
 
 # Small ensembles keep the file fast on 2 cores; digits needs no more for > 90 %.
