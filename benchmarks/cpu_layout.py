@@ -52,13 +52,14 @@ _SMOKE_RESOLUTION = 32
 def _step_seconds(backbone: str, *, channels_last: bool, resolution: int, steps: int
                   ) -> float:
     from trainables.models import build_backbone
+    from trainables.runtime import place_model
 
     torch.manual_seed(0)
-    model = build_backbone(backbone, num_classes=10, weights="none")
+    model = place_model(build_backbone(backbone, num_classes=10, weights="none"),
+                        torch.device("cpu"), channels_last=channels_last)
     x = torch.randn(32, 3, resolution, resolution)
     y = torch.randint(0, 10, (32,))
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
@@ -78,11 +79,12 @@ def _frozen_pass_seconds(*, channels_last: bool, smoke: bool) -> float:
     from trainables.cache import _Compute
     from trainables.data import load_data
     from trainables.models import build_backbone
+    from trainables.runtime import place_model
 
     data = load_data(_SMOKE_DATA if smoke else DEMO_DATA, seed=0)
-    model = build_backbone("efficientnet_lite0", num_classes=10, weights="packaged")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_backbone("efficientnet_lite0", num_classes=10,
+                                       weights="packaged"),
+                        torch.device("cpu"), channels_last=channels_last)
     compute = _Compute(model=model, depth=len(model.stages),
                        resolution=_SMOKE_RESOLUTION if smoke else DEMO_RESOLUTION,
                        device=torch.device("cpu"), amp=False, channels_last=channels_last,
